@@ -1,0 +1,37 @@
+"""Visual question answering: prefix `answer en <question>`, suffix the answer.
+
+Scoring here is exact match after light normalisation (lower case, strip,
+trailing period dropped), which is the easy-vqa metric; the official VQAv2
+accuracy (min(#humans/3, 1) over leave-one-out subsets) lives with the eval suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pg_finetune.tasks.base import Task
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {"exact_match": 0.0}
+    hits = sum(
+        normalize_answer(p) in {normalize_answer(r) for r in refs} for p, refs in zip(predictions, references)
+    )
+    return {"exact_match": hits / len(predictions)}
+
+
+VQA = Task(
+    name="vqa",
+    default_prefix="answer en",
+    reference_field="answers",
+    parse=str.strip,
+    score=exact_match,
+    max_new_tokens=8,
+)
