@@ -1,0 +1,199 @@
+"""Turn records into PaliGemma training or generation batches (prefix-LM).
+
+The sequence layout and masks follow big_vision's PaliGemma transfers
+(`configs/proj/paligemma/transfers/common.py`: prefix + "\\n" + suffix with
+`mask_ar=[0, 0, 1]`, `mask_loss=[0, 0, 1]`):
+
+    <image> x N  <bos>  prefix "\\n"  |  suffix  <eos>
+    token_type 0 (full attention)     |  token_type 1 (causal)
+    labels -100                       |  labels = ids (loss)
+
+transformers (5.x) turns `token_type_ids == 0` into one bidirectional block for
+eager and sdpa attention, so the image tokens and the prompt see each other in
+both directions while the suffix stays causal. Padding is masked out of both
+the attention and the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy (and transformers' loss) skips
+
+
+class SequenceTooLongError(ValueError):
+    """A record does not fit in `max_length` and the truncation policy is `error`."""
+
+
+@dataclass
+class TruncationStats:
+    records: int = 0
+    truncated_prefix: int = 0
+    truncated_suffix: int = 0
+    prefix_tokens_removed: int = 0
+    suffix_tokens_removed: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.truncated_prefix + self.truncated_suffix} truncations over {self.records} records: "
+            f"{self.truncated_prefix} prompts lost {self.prefix_tokens_removed} tokens, "
+            f"{self.truncated_suffix} targets lost {self.suffix_tokens_removed} tokens (eos always kept)"
+        )
+
+
+@dataclass
+class PaliGemmaCollator:
+    """Collate records `{"image", "prefix", "suffix"}` into model inputs.
+
+    Example (tiny model from `pg_finetune.tiny`, 16 image tokens; ids shortened)::
+
+        >>> collator = PaliGemmaCollator(processor, max_length=64)
+        >>> batch = collator([{"image": img, "prefix": "caption en", "suffix": "a red circle"}])
+        >>> batch["input_ids"][0]       # 16 x <image>, <bos>, caption▁ en \\n, a▁ red▁ circle, <eos>
+        tensor([587, ..., 587, 2, 363, 326, 15, 396, 522, 431, 294, 280, 288, 282, 1])
+        >>> batch["token_type_ids"][0]  # 0 = bidirectional prefix, 1 = causal suffix
+        tensor([0, ..., 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
+        >>> batch["labels"][0]          # loss on the suffix and <eos> only
+        tensor([-100, ..., -100, 396, 522, 431, 294, 280, 288, 282, 1])
+
+    Records without a `suffix` (or with `suffix=None`) give generation batches
+    (no labels); mixing both kinds in one batch is an error.
+
+    max_length counts text tokens (<bos> + prefix + "\\n" + suffix + <eos>); the
+    image tokens come on top. Over-long records are cut by `truncation`:
+    "prefix_first" drops prompt tokens from the end of the prompt (the "\\n"
+    separator stays), then suffix tokens from the end of the suffix, never the
+    <eos>; "error" raises naming the record. Truncations are counted in
+    `self.stats` and logged.
+    """
+
+    processor: Any
+    max_length: int = 512
+    padding_side: Literal["right", "left"] = "right"
+    truncation: Literal["prefix_first", "error"] = "prefix_first"
+    pad_to_multiple_of: int | None = None
+    stats: TruncationStats = field(default_factory=TruncationStats)
+
+    def __post_init__(self) -> None:
+        tokenizer = self.processor.tokenizer
+        self.tokenizer = tokenizer
+        self.image_seq_length = int(self.processor.image_seq_length)
+        self.image_token_id = int(self.processor.image_token_id)
+        self.bos_id = int(tokenizer.bos_token_id)
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.newline_ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        if self.truncation not in ("prefix_first", "error"):
+            raise ValueError(f"truncation must be 'prefix_first' or 'error', got {self.truncation!r}")
+        # room for <bos>, the "\n" separator and <eos>
+        if self.max_length < len(self.newline_ids) + 3:
+            raise ValueError(f"max_length={self.max_length} leaves no room for a prompt and a target")
+
+    # -- public -----------------------------------------------------------------------------------
+    def __call__(self, records: list[dict | None]) -> dict[str, torch.Tensor]:
+        records = [r for r in records if r is not None]  # None: a bad record the dataset skipped
+        if not records:
+            raise ValueError("every record of this batch was skipped as bad; see the warnings above")
+        with_suffix = [r.get("suffix") is not None for r in records]
+        if any(with_suffix) and not all(with_suffix):
+            raise ValueError("a batch mixes records with and without `suffix`; train and eval batches are separate")
+        train = all(with_suffix)
+
+        for r in records:
+            if not isinstance(r.get("prefix"), str):
+                raise ValueError(f"{_where(r)}: record has no string `prefix` (got {type(r.get('prefix')).__name__})")
+
+        prefixes = self._encode([r["prefix"] for r in records])
+        suffixes = self._encode([r["suffix"] for r in records]) if train else [None] * len(records)
+
+        rows = [self._layout(p, s, r) for p, s, r in zip(prefixes, suffixes, records)]
+        batch = self._pad(rows, train)
+        batch["pixel_values"] = self._pixels(records)
+        return batch
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _layout(self, prefix: list[int], suffix: list[int] | None, record: dict) -> tuple[list[int], int, int]:
+        """Return (text ids, length of the bidirectional part, number of loss tokens)."""
+        self.stats.records += 1
+        budget = self.max_length - 1 - len(self.newline_ids)  # <bos> and "\n" always stay
+        target = [] if suffix is None else suffix + [self.eos_id]
+        over = len(prefix) + len(target) - budget
+        if over > 0:
+            if self.truncation == "error":
+                raise SequenceTooLongError(
+                    f"{_where(record)}: {len(prefix) + len(target) + 1 + len(self.newline_ids)} text tokens "
+                    f"exceed data.max_length={self.max_length}; raise max_length or set data.truncation: prefix_first"
+                )
+            cut = min(over, len(prefix))
+            if cut:
+                prefix = prefix[: len(prefix) - cut]
+                self.stats.truncated_prefix += 1
+                self.stats.prefix_tokens_removed += cut
+            over -= cut
+            if over > 0:  # the prompt is gone; shorten the target but keep its <eos>
+                target = target[: len(target) - 1 - over] + [self.eos_id]
+                self.stats.truncated_suffix += 1
+                self.stats.suffix_tokens_removed += over
+            if self.stats.truncated_prefix + self.stats.truncated_suffix == 1:
+                logger.warning(
+                    "%s: sequence longer than data.max_length=%d, truncated (prompt first, <eos> kept); "
+                    "further truncations are counted and summarised at the end",
+                    _where(record),
+                    self.max_length,
+                )
+        prompt = [self.image_token_id] * self.image_seq_length + [self.bos_id] + prefix + self.newline_ids
+        return prompt + target, len(prompt), len(target)
+
+    def _pad(self, rows: list[tuple[list[int], int, int]], train: bool) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _, _ in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        # Padding gets token type 0: with left padding a causal pad query would see no key at all,
+        # and an all-masked attention row turns into NaNs under some kernels.
+        token_type_ids = torch.zeros((n, width), dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, prompt_len, _) in enumerate(rows):
+            start = width - len(ids) if self.padding_side == "left" else 0
+            span = slice(start, start + len(ids))
+            row = torch.tensor(ids, dtype=torch.long)
+            input_ids[i, span] = row
+            attention_mask[i, span] = 1
+            token_type_ids[i, start + prompt_len : start + len(ids)] = 1
+            labels[i, start + prompt_len : start + len(ids)] = row[prompt_len:]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        if train:
+            batch["labels"] = labels
+        return batch
+
+    def _pixels(self, records: list[dict]) -> torch.Tensor:
+        images = [r["image"] if _is_rgb_image(r["image"]) else _open(r) for r in records]
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _is_rgb_image(image: Any) -> bool:
+    return isinstance(image, Image.Image) and image.mode == "RGB"
+
+
+def _open(record: dict) -> Image.Image:
+    from pg_finetune.images import open_image  # paths, bytes and odd modes (CMYK, 16-bit, ...)
+
+    return open_image(record["image"], where=_where(record))
+
+
+def _where(record: dict) -> str:
+    return str(record.get("where") or record.get("id") or "record")
