@@ -1,0 +1,105 @@
+"""Batched generation and task scoring, shared by training-time eval, the eval suite and the CLI.
+
+Prompts are left-padded (so every row's new tokens start at the same column),
+decoded with the KV cache, greedy unless sampling or beams are asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pg_finetune.collator import PaliGemmaCollator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+
+    def generate_kwargs(self, tokenizer) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            do_sample=self.do_sample,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        else:  # keep checkpoints' sampling defaults from warning about unused settings
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    processor: Any,
+    records: Sequence[dict],
+    settings: GenerationSettings | None = None,
+    *,
+    max_length: int = 512,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[str]:
+    """Return the decoded continuation of each record's prompt (suffix ignored)."""
+    settings = settings or GenerationSettings()
+    collator = PaliGemmaCollator(processor, max_length=max_length, padding_side="left")
+    tokenizer = processor.tokenizer
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = []
+    bar = tqdm(total=len(records), desc=desc, unit="ex", disable=not progress, leave=False)
+    try:
+        for start in range(0, len(records), settings.batch_size):
+            chunk = [{k: v for k, v in r.items() if k != "suffix"} for r in records[start : start + settings.batch_size]]
+            batch = {k: v.to(device) for k, v in collator(chunk).items()}
+            generated = model.generate(**batch, **settings.generate_kwargs(tokenizer))
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return outputs
+
+
+def evaluate_task(
+    model: torch.nn.Module,
+    processor: Any,
+    task: Any,
+    records: Sequence[dict],
+    settings: GenerationSettings | None = None,
+    **kwargs: Any,
+) -> tuple[dict[str, float], list[dict]]:
+    """Generate for `records`, parse with the task, score against the task's references.
+
+    Returns (scores, predictions) where each prediction row holds id, prompt,
+    prediction and references, ready to be written as JSONL.
+    """
+    raw = generate(model, processor, records, settings, **kwargs)
+    predictions = [task.parse(text) for text in raw]
+    references = [task.references(r) for r in records]
+    scores = task.score(predictions, references)
+    rows = [
+        {"id": r.get("id", str(i)), "prefix": r["prefix"], "prediction": p, "raw": t, "references": refs}
+        for i, (r, p, t, refs) in enumerate(zip(records, predictions, raw, references))
+    ]
+    return scores, rows

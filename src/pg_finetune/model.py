@@ -1,0 +1,150 @@
+"""Load a PaliGemma or PaliGemma 2 model and its processor.
+
+`model.name_or_path` is a hub id (`google/paligemma2-3b-pt-224`), a local
+`save_pretrained` directory, or `tiny` / `tiny-paligemma2` for the random tiny
+model of `pg_finetune.tiny` (written once to a cache directory and then loaded
+through the same `from_pretrained` path as a real checkpoint).
+No `trust_remote_code`: PaliGemma is part of transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoProcessor, PaliGemmaForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+TINY_MODELS = {"tiny": "paligemma", "tiny-paligemma": "paligemma", "tiny-paligemma2": "paligemma2"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+ATTENTION = ("sdpa", "eager")
+
+
+class ModelLoadError(RuntimeError):
+    """The model or processor could not be loaded; the message says what to do."""
+
+
+def tiny_model_dir(name: str) -> Path:
+    """Write the tiny model once under the cache dir and return its path."""
+    from pg_finetune.tiny import save_tiny
+
+    variant = TINY_MODELS[name]
+    root = Path(os.environ.get("PG_FINETUNE_CACHE", Path.home() / ".cache" / "pg_finetune"))
+    path = root / f"tiny-{variant}-seed0"
+    if not (path / "model.safetensors").exists():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_tiny(tmp, variant=variant, seed=0)
+        try:
+            tmp.rename(path)  # atomic: a second process racing here finds a complete directory
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face Hub answers (and offline mode is not forced)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def preflight_hub(name: str, what: str, filename: str = "config.json", repo_type: str = "model") -> None:
+    """Fail in seconds, not after minutes of retries, when a hub id cannot be reached nor found in the cache."""
+    if Path(name).exists() or name in TINY_MODELS:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, filename, repo_type=repo_type)
+    except Exception:  # an id that is not a valid repo name: let the loader say so
+        cached = None
+    if isinstance(cached, str) or hub_reachable():
+        return
+    raise ModelLoadError(_explain(name, ConnectionError("the Hub is unreachable and nothing is cached"), what))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    return str(tiny_model_dir(name_or_path)) if name_or_path in TINY_MODELS else name_or_path
+
+
+def load_processor(name_or_path: str, *, revision: str | None = None, **hub: Any):
+    path = resolve_model_path(name_or_path)
+    preflight_hub(name_or_path, "processor", filename="preprocessor_config.json")
+    try:
+        processor = AutoProcessor.from_pretrained(path, revision=revision, **hub)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_explain(name_or_path, err, "processor")) from err
+    if not hasattr(processor, "image_seq_length"):
+        raise ModelLoadError(f"{name_or_path}: the processor is a {type(processor).__name__}, not a PaliGemmaProcessor")
+    return processor
+
+
+def load_model(model_cfg: Any, tuning_cfg: Any | None = None) -> PaliGemmaForConditionalGeneration:
+    """Load the model described by the recipe's `model` section (and quantise it for qlora)."""
+    if model_cfg.attn_implementation not in ATTENTION:
+        raise ModelLoadError(
+            f"model.attn_implementation={model_cfg.attn_implementation!r} is refused: with flash_attention_2 "
+            "transformers drops PaliGemma's prefix-LM mask silently (the prompt becomes causal). Use sdpa or eager."
+        )
+    name = model_cfg.name_or_path
+    path = resolve_model_path(name)
+    hub = {"revision": model_cfg.revision, "cache_dir": model_cfg.cache_dir, "local_files_only": model_cfg.local_files_only}
+    preflight_hub(name, "model config")
+    try:
+        config = AutoConfig.from_pretrained(path, **hub)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_explain(name, err, "model config")) from err
+    if config.model_type != "paligemma":
+        raise ModelLoadError(f"{name} is a {config.model_type!r} model, not PaliGemma / PaliGemma 2")
+
+    text = config.text_config
+    if model_cfg.final_logit_softcapping is not None:
+        # big_vision transfers PaliGemma 2 with the final soft-capping off; 0 means off here.
+        text.final_logit_softcapping = model_cfg.final_logit_softcapping or None
+    attn = model_cfg.attn_implementation
+    if attn == "sdpa" and getattr(text, "attn_logit_softcapping", None):
+        logger.warning(
+            "%s uses Gemma 2 attention soft-capping, which transformers' sdpa kernel does not support; "
+            "using eager attention (also prefix-LM correct)",
+            name,
+        )
+        attn = "eager"
+
+    kwargs: dict[str, Any] = dict(config=config, attn_implementation=attn, dtype=DTYPES[model_cfg.dtype], **hub)
+    if tuning_cfg is not None and tuning_cfg.method == "qlora":
+        from pg_finetune.tuning import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(tuning_cfg)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = PaliGemmaForConditionalGeneration.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_explain(name, err, "model weights")) from err
+    return model
+
+
+def _explain(name: str, err: Exception, what: str) -> str:
+    if Path(name).exists() or name in TINY_MODELS:
+        return f"cannot load the {what} from local directory {name}: {err}"
+    if name.startswith((".", "/", "~")):
+        return f"model directory {name} does not exist; check model.name_or_path"
+    return (
+        f"cannot load the {what} of {name!r} from the Hugging Face Hub ({type(err).__name__}: {str(err)[:200]}).\n"
+        f"PaliGemma checkpoints are gated: accept the licence on the model page, log in with `hf auth login` "
+        f"(or set HF_TOKEN), then either run online once or download it: "
+        f"`hf download {name} --local-dir models/{name.split('/')[-1]}` and set "
+        f"model.name_or_path to that directory. To try the toolkit offline use model.name_or_path: tiny."
+    )

@@ -1,0 +1,697 @@
+"""Typed recipe schema: YAML in, validated dataclasses out, resolved YAML back.
+
+    from pg_finetune.recipe import load_recipe
+    recipe = load_recipe("recipes/tiny/easyvqa_lora.yaml", ["training.learning_rate=1e-4"])
+
+A recipe is a YAML mapping with `name`, `description` and one mapping per section
+(`model`, `task`, `data`, `tuning`, `training`, `eval`, `logging`); a missing
+section means all its defaults. Every field below carries its help text in
+`field(metadata={"help": ...})`. Unknown keys are errors, never ignored. All type,
+range and combination problems are collected and raised together as one
+`RecipeError`, each line naming the dotted key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import importlib.util
+import math
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+RECIPE_FILENAME = "recipe.yaml"
+
+
+def _field(default: Any, help_text: str) -> Any:
+    """A dataclass field with its help text in `metadata["help"]`."""
+    return field(default=default, metadata={"help": help_text})
+
+
+def _section(factory: type, help_text: str) -> Any:
+    return field(default_factory=factory, metadata={"help": help_text})
+
+
+# ---------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how."""
+
+    name_or_path: str = _field(
+        "tiny",
+        "Hub id (google/paligemma2-3b-pt-224), a local save_pretrained dir, or 'tiny' / "
+        "'tiny-paligemma2' for the built-in random tiny model that runs offline.",
+    )
+    revision: str | None = _field(None, "Hub revision (branch, tag or commit); null = default branch.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+        "float32", "dtype the weights are loaded in; 'auto' keeps the checkpoint's."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _field(
+        "sdpa",
+        "Attention kernel. flash_attention_2 is refused: transformers then drops PaliGemma's prefix-LM mask.",
+    )
+    final_logit_softcapping: float | None = _field(
+        None,
+        "Gemma 2 logit soft-capping. null keeps the checkpoint's value, 0 turns it off "
+        "(big_vision transfers PaliGemma 2 with it off).",
+    )
+    local_files_only: bool = _field(False, "Never touch the network when loading the model.")
+    cache_dir: str | None = _field(None, "Hugging Face cache dir; null = the default cache.")
+
+
+@dataclass
+class TaskConfig:
+    """What the model is trained to do (prompt format, output parser, metric)."""
+
+    name: str = _field("vqa", "A key of pg_finetune.tasks.TASKS, e.g. 'vqa' or 'caption'.")
+    prefix: str | None = _field(None, "Prompt used when a record has none; null = the task's default.")
+
+
+@dataclass
+class DataConfig:
+    """Where records come from and how they become token sequences."""
+
+    train: str = _field(
+        "builtin:easyvqa",
+        "JSONL path, local save_to_disk dir, image folder, hub dataset id, or 'builtin:easyvqa'.",
+    )
+    train_split: str = _field(
+        "train", "Split to train on; may carry a slice like 'train[:1%]' or 'train[:2000]'."
+    )
+    eval: str | None = _field(None, "Eval source (same forms as train); null = same source as train.")
+    eval_split: str | None = _field("test", "Split to evaluate on, slices allowed; null = no eval.")
+    image_column: str = _field("image", "Column holding the image (PIL image or path).")
+    prefix_column: str = _field("prefix", "Column holding the prompt; missing -> task.prefix.")
+    suffix_column: str = _field("suffix", "Column holding the target text the loss is on.")
+    max_train_samples: int | None = _field(None, "Keep at most this many training records; null = all.")
+    max_eval_samples: int | None = _field(None, "Keep at most this many eval records; null = all.")
+    max_length: int = _field(
+        512, "Max TEXT tokens per example: bos + prefix + '\\n' + suffix + eos (image tokens not counted)."
+    )
+    padding_side: Literal["right", "left"] = _field("right", "Pad side for training batches.")
+    truncation: Literal["prefix_first", "error"] = _field(
+        "prefix_first", "Too long: cut the prefix first then the suffix, or raise."
+    )
+    skip_bad_records: bool = _field(False, "Skip (and count) records that fail to load instead of raising.")
+
+
+@dataclass
+class TuningConfig:
+    """Which parameters train: full, attention_only, lora, or qlora (+ freeze flags)."""
+
+    method: Literal["full", "attention_only", "lora", "qlora"] = _field(
+        "lora",
+        "full: all decoder weights; attention_only: decoder attention (big_vision colab); lora; qlora.",
+    )
+    train_vision_tower: bool = _field(False, "Also train the SigLIP vision tower (full/attention_only).")
+    train_projector: bool = _field(False, "Also train the multi-modal projector (full/attention_only).")
+    lora_r: int = _field(8, "LoRA rank.")
+    lora_alpha: int = _field(16, "LoRA scaling numerator (scale = alpha / r); usually 2 x rank.")
+    lora_dropout: float = _field(0.05, "Dropout on the LoRA input, in [0, 1).")
+    lora_target_modules: str = _field(
+        DEFAULT_LORA_TARGET_MODULES,
+        "Regex of module names that get adapters (peft full-match). The default keeps them in the "
+        "decoder: a plain ['q_proj', ...] list would also hit SigLIP's projections.",
+    )
+    lora_vision: bool = _field(False, "Also put LoRA adapters on the vision tower.")
+    lora_projector: bool = _field(False, "Also put LoRA adapters on the multi-modal projector.")
+    load_in_4bit: bool = _field(False, "Load the base model in 4 bit with bitsandbytes (qlora only).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _field("nf4", "4-bit data type.")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = _field(
+        "bfloat16", "dtype the 4-bit weights are dequantised to for matmuls (float32 on CPU)."
+    )
+    bnb_4bit_use_double_quant: bool = _field(
+        True, "Quantise the quantisation constants too (saves ~0.4 bit/param)."
+    )
+
+
+@dataclass
+class TrainingConfig:
+    """Optimiser, schedule and Trainer settings (names follow transformers.TrainingArguments)."""
+
+    output_dir: str = _field("runs/{name}", "Where checkpoints go; '{name}' is replaced by the recipe name.")
+    num_train_epochs: float = _field(1.0, "Epochs to train (ignored when max_steps is set).")
+    max_steps: int = _field(-1, "Optimiser steps to train; -1 = use num_train_epochs.")
+    per_device_train_batch_size: int = _field(8, "Training batch per device.")
+    per_device_eval_batch_size: int = _field(16, "Eval-loss batch per device.")
+    gradient_accumulation_steps: int = _field(1, "Micro-batches per optimiser step.")
+    learning_rate: float = _field(2e-4, "Peak learning rate, in (0, 1].")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _field(
+        "cosine", "Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = _field(0.0, "Fraction of steps spent warming up, in [0, 1).")
+    weight_decay: float = _field(0.0, "Decoupled weight decay, >= 0.")
+    optim: Literal[
+        "adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adamw_bnb_8bit", "paged_adamw_8bit"
+    ] = _field("adamw_torch", "Optimiser (TrainingArguments.optim); the *_8bit ones need bitsandbytes.")
+    adam_beta2: float = _field(0.999, "Adam beta2.")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 = no clipping.")
+    seed: int = _field(42, "Seed for model init, data order and dropout.")
+    logging_steps: int = _field(10, "Log the training loss every N steps.")
+    save_steps: int = _field(500, "Save a checkpoint every N steps.")
+    save_total_limit: int | None = _field(2, "Keep at most N checkpoints; null = keep all.")
+    gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
+    bf16: bool = _field(False, "bfloat16 autocast (Ampere or newer GPUs).")
+    fp16: bool = _field(False, "float16 autocast with loss scaling (e.g. T4).")
+    dataloader_num_workers: int = _field(0, "DataLoader worker processes; 0 = load in the main process.")
+    group_by_length: bool = _field(False, "Batch examples of similar length together to pad less.")
+    resume_from_checkpoint: str | None = _field(
+        None, "'auto' = latest checkpoint in output_dir, or a checkpoint path; null = start fresh."
+    )
+    merge_lora: bool = _field(
+        False, "After training, merge LoRA weights into the base and save the merged model."
+    )
+    use_cpu: bool = _field(False, "Train on CPU even when a GPU is present.")
+
+
+@dataclass
+class EvalConfig:
+    """Generation-based evaluation (task metric on decoded outputs)."""
+
+    before_and_after: bool = _field(True, "Score the model before and after training.")
+    max_samples: int | None = _field(200, "Score at most this many eval records; null = all.")
+    batch_size: int = _field(16, "Generation batch size.")
+    max_new_tokens: int | None = _field(None, "Generation budget; null = the task's default.")
+    num_beams: int = _field(1, "Beam count; 1 = greedy (big_vision decodes greedily).")
+    do_sample: bool = _field(False, "Sample instead of greedy/beam decoding.")
+    eval_steps: int | None = _field(
+        None, "Compute generation metrics every N steps; null = only before/after."
+    )
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    report_to: Literal["none", "tensorboard", "wandb"] = _field("none", "Metric logger.")
+    run_name: str | None = _field(None, "Run name shown by the logger; null = the recipe name.")
+    wandb_project: str | None = _field(None, "Weights & Biases project (report_to: wandb).")
+    wandb_mode: Literal["online", "offline", "disabled"] = _field(
+        "offline", "wandb mode; offline needs no login."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = _field("info", "Python log level.")
+
+
+@dataclass
+class Recipe:
+    """One fine-tuning run: model x task x data x tuning method x training settings."""
+
+    name: str = _field("run", "Run name; fills '{name}' in training.output_dir.")
+    description: str = _field("", "Free text saying what this recipe is for.")
+    model: ModelConfig = _section(ModelConfig, "Base model to load.")
+    task: TaskConfig = _section(TaskConfig, "Task (prompt format, parser, metric).")
+    data: DataConfig = _section(DataConfig, "Training and eval data.")
+    tuning: TuningConfig = _section(TuningConfig, "Which parameters train.")
+    training: TrainingConfig = _section(TrainingConfig, "Optimiser and Trainer settings.")
+    eval: EvalConfig = _section(EvalConfig, "Generation-based evaluation.")
+    logging: LoggingConfig = _section(LoggingConfig, "Metric logging.")
+
+
+# Read from the annotations so the section list cannot disagree with the schema.
+SECTIONS: dict[str, type] = {
+    name: tp for name, tp in typing.get_type_hints(Recipe).items() if dataclasses.is_dataclass(tp)
+}
+TOP_LEVEL_FIELDS = [f.name for f in dataclasses.fields(Recipe) if f.name not in SECTIONS]
+
+
+class RecipeError(ValueError):
+    """A recipe failed validation; `problems` holds one message per problem."""
+
+    def __init__(self, problems: Sequence[str], source: str = "<dict>"):
+        self.problems = list(problems)
+        self.source = source
+        count = len(self.problems)
+        header = f"recipe {source} has {count} problem{'s' if count != 1 else ''}:"
+        super().__init__("\n".join([header, *(f"  - {p}" for p in self.problems)]))
+
+    def __reduce__(self):
+        return (type(self), (self.problems, self.source))
+
+
+# ---------------------------------------------------------------------------
+# Generic type checking driven by the dataclass annotations
+# ---------------------------------------------------------------------------
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    """(True, X) for `X | None`, else (False, tp)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != len(typing.get_args(tp)):
+            inner = args[0] if len(args) == 1 else typing.Union[tuple(args)]  # noqa: UP007
+            return True, inner
+    return False, tp
+
+
+def _describe(tp: Any) -> str:
+    optional, inner = _is_optional(tp)
+    if optional:
+        return f"{_describe(inner)} or null"
+    if typing.get_origin(inner) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(inner))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        inner, str(inner)
+    )
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_value(value: Any, tp: Any) -> tuple[Any, str | None]:
+    """Return (coerced value, None) or (None, 'expected ..., got ...')."""
+    optional, inner = _is_optional(tp)
+    if value is None:
+        return (None, None) if optional else (None, f"expected {_describe(inner)}, got null")
+    if typing.get_origin(inner) is Literal:
+        allowed = typing.get_args(inner)
+        if isinstance(value, str) and value in allowed:
+            return value, None
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return None, f"{_show(value)} is not one of {', '.join(repr(a) for a in allowed)}{hint}"
+    if inner is bool:
+        if isinstance(value, bool):
+            return value, None
+        return None, f"expected true or false, got {_show(value)}"
+    if inner is int:
+        # bool is a subclass of int in Python; `lora_r: true` is a mistake, not 1
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        return None, f"expected an integer, got {_show(value)}"
+    if inner is float:
+        number: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            # PyYAML follows YAML 1.1 and reads `2e-5` (no dot) as a string, so accept numeric strings
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if number is None:
+            return None, f"expected a number, got {_show(value)}"
+        if not math.isfinite(number):
+            return None, f"expected a finite number, got {_show(value)}"
+        return number, None
+    if inner is str:
+        if isinstance(value, str):
+            return value, None
+        return None, f"expected a string, got {_show(value)}; quote it in YAML"
+    raise TypeError(f"recipe schema uses an unsupported annotation {tp!r}")  # a bug in this file
+
+
+def _unknown_key_message(key: str, dotted: str, valid: Sequence[str], section: str | None) -> str:
+    msg = f"unknown key {dotted!r}"
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    if close:
+        return f"{msg}; did you mean {close[0]!r}?"
+    # a known field placed in the wrong section
+    for other, cls in SECTIONS.items():
+        if other != section and key in {f.name for f in dataclasses.fields(cls)}:
+            return f"{msg}; {key!r} belongs in section '{other}' ('{other}.{key}')"
+    return f"{msg}; valid keys: {', '.join(valid)}"
+
+
+def _build_section(cls: type, raw: Any, section: str, problems: list[str], bad_keys: set[str]) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        problems.append(f"{section}: expected a mapping of keys, got {_show(raw)}")
+        bad_keys.add(section)
+        return cls()
+    hints = typing.get_type_hints(cls)
+    valid = list(hints)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{section}.{key}"
+        if key not in hints:
+            problems.append(_unknown_key_message(str(key), dotted, valid, section))
+            continue
+        coerced, error = _check_value(value, hints[key])
+        if error:
+            problems.append(f"{dotted}: {error}")
+            bad_keys.add(dotted)
+        else:
+            kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Range and combination checks: all of them live here
+# ---------------------------------------------------------------------------
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _check_combinations(recipe: Recipe) -> list[str]:
+    """Every range and cross-field rule, one message per broken rule, naming key(s) and fix."""
+    from pg_finetune.tasks import TASKS  # here, so importing the schema stays light
+
+    problems: list[str] = []
+    m, t, d, tu, tr, ev = recipe.model, recipe.task, recipe.data, recipe.tuning, recipe.training, recipe.eval
+    is_lora = tu.method in ("lora", "qlora")
+
+    def at_least(key: str, value: int | None, low: int, optional: bool = False, extra: str = "") -> None:
+        if value is None or value >= low:
+            return
+        allowed = f">= {low}" + (" or null" if optional else "") + extra
+        problems.append(f"{key}: must be {allowed}, got {value}")
+
+    if not recipe.name.strip():
+        problems.append(
+            "name: must be a non-empty string (it names the run and fills '{name}' in output_dir)"
+        )
+
+    # model
+    if m.attn_implementation == "flash_attention_2":
+        problems.append(
+            "model.attn_implementation: flash_attention_2 is refused for PaliGemma: transformers then drops "
+            "the prefix-LM mask silently (the prefix becomes causal); use sdpa or eager"
+        )
+    if m.final_logit_softcapping is not None and m.final_logit_softcapping < 0:
+        problems.append(
+            f"model.final_logit_softcapping: must be >= 0 (0 = off) or null (checkpoint's value), "
+            f"got {m.final_logit_softcapping}"
+        )
+
+    # task
+    if t.name not in TASKS:
+        close = difflib.get_close_matches(t.name, list(TASKS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        problems.append(f"task.name: unknown task {t.name!r}; valid tasks: {', '.join(sorted(TASKS))}{hint}")
+
+    # data
+    if not d.train.strip():
+        problems.append(
+            "data.train: must not be empty; give a JSONL path, dataset dir, image folder, hub id or builtin:easyvqa"
+        )
+    if not d.train_split.strip():
+        problems.append("data.train_split: must not be empty; e.g. 'train' or 'train[:2000]'")
+    at_least("data.max_length", d.max_length, 8, extra=" (text tokens: bos + prefix + '\\n' + suffix + eos)")
+    at_least("data.max_train_samples", d.max_train_samples, 1, optional=True)
+    at_least("data.max_eval_samples", d.max_eval_samples, 1, optional=True)
+
+    # tuning
+    if is_lora:
+        at_least("tuning.lora_r", tu.lora_r, 1, extra=f" when tuning.method is {tu.method} (try 8 or 16)")
+        at_least("tuning.lora_alpha", tu.lora_alpha, 1, extra=" (usually 2 x tuning.lora_r)")
+        try:
+            re.compile(tu.lora_target_modules)
+        except re.error as err:
+            problems.append(f"tuning.lora_target_modules: not a valid regex ({err}); fix the pattern")
+    if not 0 <= tu.lora_dropout < 1:
+        problems.append(f"tuning.lora_dropout: must be in [0, 1), got {tu.lora_dropout}; e.g. 0.05")
+    if tu.method == "qlora":
+        if not tu.load_in_4bit:
+            problems.append(
+                "tuning.method: qlora needs tuning.load_in_4bit: true; set tuning.load_in_4bit: true or use method lora"
+            )
+        if not _has_module("bitsandbytes"):
+            problems.append(
+                "tuning.method: qlora needs bitsandbytes, which is not installed; pip install -e '.[qlora]' "
+                "or use method lora"
+            )
+    elif tu.load_in_4bit:
+        problems.append(
+            f"tuning.load_in_4bit: true only works with tuning.method: qlora (got {tu.method!r}); "
+            "set tuning.method: qlora or tuning.load_in_4bit: false"
+        )
+    if not is_lora:
+        for key in ("lora_vision", "lora_projector"):
+            if getattr(tu, key):
+                problems.append(
+                    f"tuning.{key}: true needs tuning.method lora or qlora (got {tu.method!r}); "
+                    f"set tuning.{key}: false or change the method"
+                )
+        if tr.merge_lora:
+            problems.append(
+                f"training.merge_lora: true needs tuning.method lora or qlora (got {tu.method!r}); "
+                "set training.merge_lora: false"
+            )
+
+    # training
+    if not 0 < tr.learning_rate <= 1:
+        problems.append(
+            f"training.learning_rate: must be > 0 and <= 1, got {tr.learning_rate}; e.g. 2e-4 for LoRA"
+        )
+    if not 0 <= tr.warmup_ratio < 1:
+        problems.append(f"training.warmup_ratio: must be in [0, 1), got {tr.warmup_ratio}; e.g. 0.05")
+    if tr.weight_decay < 0:
+        problems.append(f"training.weight_decay: must be >= 0, got {tr.weight_decay}")
+    if tr.max_grad_norm < 0:
+        problems.append(f"training.max_grad_norm: must be >= 0 (0 = no clipping), got {tr.max_grad_norm}")
+    if not 0 <= tr.adam_beta2 < 1:
+        problems.append(f"training.adam_beta2: must be in [0, 1), got {tr.adam_beta2}; e.g. 0.999")
+    if tr.num_train_epochs <= 0:
+        problems.append(f"training.num_train_epochs: must be > 0, got {tr.num_train_epochs}")
+    if tr.max_steps != -1 and tr.max_steps < 1:
+        problems.append(f"training.max_steps: must be -1 (use num_train_epochs) or >= 1, got {tr.max_steps}")
+    for key in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "save_steps",
+    ):
+        at_least(f"training.{key}", getattr(tr, key), 1)
+    at_least("training.save_total_limit", tr.save_total_limit, 1, optional=True)
+    at_least("training.dataloader_num_workers", tr.dataloader_num_workers, 0)
+    if tr.bf16 and tr.fp16:
+        problems.append(
+            "training.bf16 and training.fp16: both true; pick one (bf16 on Ampere or newer, fp16 on T4)"
+        )
+    if not tr.output_dir.strip():
+        problems.append("training.output_dir: must not be empty; e.g. 'runs/{name}'")
+    if tr.resume_from_checkpoint is not None and not tr.resume_from_checkpoint.strip():
+        problems.append("training.resume_from_checkpoint: empty; use 'auto', a checkpoint path, or null")
+    if tr.optim in ("adamw_bnb_8bit", "paged_adamw_8bit") and not _has_module("bitsandbytes"):
+        problems.append(
+            f"training.optim: {tr.optim} needs bitsandbytes, which is not installed; "
+            "pip install -e '.[qlora]' or use adamw_torch"
+        )
+
+    # eval
+    at_least("eval.batch_size", ev.batch_size, 1)
+    at_least("eval.num_beams", ev.num_beams, 1)
+    at_least("eval.max_samples", ev.max_samples, 1, optional=True)
+    at_least("eval.max_new_tokens", ev.max_new_tokens, 1, optional=True)
+    at_least("eval.eval_steps", ev.eval_steps, 1, optional=True)
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+def _build(data: Any, source: str, problems: list[str]) -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"<top level>: expected a mapping of sections, got {_show(data)}"], source)
+    bad_keys: set[str] = set()
+    top_hints = typing.get_type_hints(Recipe)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            kwargs[key] = _build_section(SECTIONS[key], value, key, problems, bad_keys)
+        elif key in TOP_LEVEL_FIELDS:
+            coerced, error = _check_value(value, top_hints[key])
+            if error:
+                problems.append(f"{key}: {error}")
+                bad_keys.add(key)
+            else:
+                kwargs[key] = coerced
+        elif isinstance(value, dict):
+            close = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown section {key!r}{hint} (valid sections: {', '.join(SECTIONS)})")
+        else:
+            problems.append(_unknown_key_message(str(key), str(key), [*TOP_LEVEL_FIELDS, *SECTIONS], None))
+    recipe = Recipe(**kwargs)
+    recipe.training.output_dir = recipe.training.output_dir.replace("{name}", recipe.name)
+
+    # A key that already failed its type check kept its default; rules about it would mislead.
+    def mentions_bad_key(message: str) -> bool:
+        return any(re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", message) for k in bad_keys)
+
+    problems.extend(p for p in _check_combinations(recipe) if not mentions_bad_key(p))
+    return recipe
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
+    """Validate a plain dict (as read from YAML) into a `Recipe`; raise one `RecipeError` listing every problem."""
+    problems: list[str] = []
+    recipe = _build(data, source, problems)
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
+    """Re-validate a `Recipe` built or edited in code (same rules as loading)."""
+    return recipe_from_dict(recipe_to_dict(recipe), source)
+
+
+def _field_type(dotted: str) -> Any:
+    section, _, key = dotted.partition(".")
+    if not key:
+        return typing.get_type_hints(Recipe).get(section)
+    cls = SECTIONS.get(section)
+    return typing.get_type_hints(cls).get(key) if cls else None
+
+
+def _apply_override(data: dict, override: str) -> str | None:
+    """Apply one `section.key=value` override to `data` in place; return a problem message or None."""
+    dotted, sep, raw = override.partition("=")
+    dotted = dotted.strip()
+    if not sep or not dotted:
+        return f"override {override!r}: expected 'section.key=value', e.g. 'training.learning_rate=1e-4'"
+    parts = dotted.split(".")
+    if len(parts) > 2:
+        return f"override {override!r}: key {dotted!r} is too deep; use 'section.key=value'"
+    if len(parts) == 1 and parts[0] in SECTIONS:
+        return f"override {override!r}: {dotted!r} is a section; set one key, e.g. '{dotted}.<key>=value'"
+    if len(parts) == 2 and parts[0] not in SECTIONS:
+        close = difflib.get_close_matches(parts[0], list(SECTIONS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"override {override!r}: unknown section {parts[0]!r}{hint} (valid sections: {', '.join(SECTIONS)})"
+    tp = _field_type(dotted)
+    if tp is None:
+        if len(parts) == 2:
+            valid = list(typing.get_type_hints(SECTIONS[parts[0]]))
+            msg = _unknown_key_message(parts[1], dotted, valid, parts[0])
+        else:
+            msg = _unknown_key_message(dotted, dotted, [*TOP_LEVEL_FIELDS, *SECTIONS], None)
+        return f"override {override!r}: {msg}"
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        return f"override {override!r}: value is not valid YAML ({str(err).splitlines()[0]}); quote it"
+    # On the command line nobody quotes strings: `model.revision=0123` or `logging.wandb_mode=off`
+    # should stay text for a text field instead of becoming 83 or false.
+    _, inner = _is_optional(tp)
+    is_text = inner is str or (
+        typing.get_origin(inner) is Literal and all(isinstance(a, str) for a in typing.get_args(inner))
+    )
+    if is_text and isinstance(value, (bool, int, float)):
+        value = raw.strip()
+    if len(parts) == 1:
+        data[dotted] = value
+    else:
+        section = data.get(parts[0])
+        if section is None:
+            section = data[parts[0]] = {}
+        if not isinstance(section, dict):
+            return None  # the section itself is malformed; validation reports it
+        section[parts[1]] = value
+    return None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `section.key=value` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    source = str(path)
+    if path.is_dir():
+        path = path / RECIPE_FILENAME
+        source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RecipeError([f"cannot read the recipe file: {err.strerror or err}"], source) from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError([f"not valid YAML: {err}"], source) from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"<top level>: expected a mapping of sections, got {_show(data)}"], source)
+    problems: list[str] = []
+    for override in overrides:
+        problem = _apply_override(data, override)
+        if problem:
+            problems.append(problem)
+    recipe = _build(data, source, problems)
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain dicts/scalars, every default filled in, in schema order."""
+    return dataclasses.asdict(recipe)
+
+
+_TOKEN_VALUE = re.compile(r"^hf_[A-Za-z0-9]{20,}$")
+
+
+def _redact_secrets(obj: Any) -> Any:
+    """Replace anything that looks like a Hugging Face token: the schema has no token field, but be sure."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            looks_secret = isinstance(value, str) and (
+                ("token" in str(key).lower() and value.startswith("hf_")) or _TOKEN_VALUE.match(value)
+            )
+            out[key] = "<redacted>" if looks_secret else _redact_secrets(value)
+        return out
+    if isinstance(obj, list):
+        return [_redact_secrets(v) for v in obj]
+    return obj
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> Path:
+    """Write the resolved recipe as YAML (to DIR/recipe.yaml when `path` is a directory); return the path."""
+    from pg_finetune import __version__
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECIPE_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _redact_secrets(recipe_to_dict(recipe))
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    header = (
+        f"# Resolved recipe '{recipe.name}', written by pg-finetune {__version__} at {now}.\n"
+        "# Every default is filled in, so this file alone reproduces the run:\n"
+        f"#   accelerate launch -m pg_finetune.train --recipe {path}\n"
+    )
+    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    path.write_text(header + body, encoding="utf-8")
+    return path
+
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "Recipe",
+    "RecipeError",
+    "TaskConfig",
+    "TrainingConfig",
+    "TuningConfig",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_to_dict",
+    "save_recipe",
+    "validate_recipe",
+]
