@@ -1,0 +1,162 @@
+"""End to end: the training entry on the tiny model, offline, a few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from transformers import PaliGemmaForConditionalGeneration
+
+from pg_finetune.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes/tiny/easyvqa_lora.yaml")
+
+
+def _run(tmp_path: Path, *overrides: str, recipe: str = RECIPE) -> int:
+    return main(
+        [
+            "--recipe", recipe,
+            f"training.output_dir={tmp_path / 'run'}",
+            "data.train_split=train[:24]",
+            "data.eval_split=test[:6]",
+            "eval.max_samples=6",
+            "eval.batch_size=3",
+            "training.per_device_train_batch_size=4",
+            "training.max_steps=3",
+            "training.logging_steps=1",
+            *overrides,
+        ]
+    )
+
+
+def test_lora_run_writes_adapter_processor_recipe_and_metrics(tmp_path):
+    assert _run(tmp_path, "training.save_steps=2") == 0
+    run = tmp_path / "run"
+    final = run / "final"
+    assert (final / "adapter_config.json").is_file()
+    assert (final / "adapter_model.safetensors").is_file()
+    assert not (final / "model.safetensors").exists()  # an adapter, not a full copy
+    assert (final / "processor_config.json").is_file() and (final / "tokenizer.json").is_file()
+    saved = yaml.safe_load((final / "recipe.yaml").read_text())
+    assert saved["training"]["max_steps"] == 3 and saved["tuning"]["method"] == "lora"
+    assert (run / "checkpoint-2" / "recipe.yaml").is_file()  # beside every checkpoint
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+    assert set(metrics["before"]) == set(metrics["after"]) == {"exact_match"}
+    rows = [json.loads(line) for line in (run / "predictions_after.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all({"id", "prediction", "references"} <= set(r) for r in rows)
+
+
+def test_full_run_saves_full_weights_that_differ_from_the_base(tmp_path):
+    assert _run(tmp_path, "tuning.method=full", "training.learning_rate=1e-3", "eval.before_and_after=false") == 0
+    final = tmp_path / "run" / "final"
+    trained = PaliGemmaForConditionalGeneration.from_pretrained(final)
+    from pg_finetune.model import resolve_model_path
+
+    base = PaliGemmaForConditionalGeneration.from_pretrained(resolve_model_path("tiny"))
+    t, b = trained.state_dict(), base.state_dict()
+    decoder_changed = any(not torch.equal(t[k], b[k]) for k in t if "language_model" in k)
+    vision_same = all(torch.equal(t[k], b[k]) for k in t if "vision_tower" in k)
+    assert decoder_changed and vision_same
+
+
+def test_merge_lora_gives_the_same_outputs_as_the_adapter(tmp_path):
+    assert _run(tmp_path, "training.merge_lora=true", "training.learning_rate=1e-2", "eval.before_and_after=false") == 0
+    from peft import PeftModel
+
+    from pg_finetune.collator import PaliGemmaCollator
+    from pg_finetune.model import load_processor, resolve_model_path
+
+    run = tmp_path / "run"
+    processor = load_processor(str(run / "final"))
+    base = PaliGemmaForConditionalGeneration.from_pretrained(resolve_model_path("tiny"))
+    adapted = PeftModel.from_pretrained(base, run / "final").eval()
+    merged = PaliGemmaForConditionalGeneration.from_pretrained(run / "merged").eval()
+    batch = PaliGemmaCollator(processor)(
+        [{"image": Image.new("RGB", (64, 64), "red"), "prefix": "answer en what color is the shape?", "suffix": "red"}]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    assert _run(tmp_path, "training.save_steps=2", "eval.before_and_after=false") == 0
+    run = tmp_path / "run"
+    assert (run / "checkpoint-3").is_dir()
+    assert _run(
+        tmp_path, "training.save_steps=2", "training.max_steps=5", "training.resume_from_checkpoint=auto",
+        "eval.before_and_after=false",
+    ) == 0
+    state = json.loads((run / "checkpoint-5" / "trainer_state.json").read_text())
+    logged_steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert logged_steps == [1, 2, 3, 4, 5]  # steps 1-3 come from the first run's state, not repeated
+
+
+def test_bad_recipe_lists_every_problem(tmp_path, capsys):
+    code = _run(tmp_path, "tuning.lora_rank=4", "training.learning_rate=-1")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "tuning.lora_rank" in err and "training.learning_rate" in err
+
+
+def test_bad_record_names_file_and_line(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), "blue").save(image)
+    lines = [
+        {"image": "a.png", "prefix": "caption en", "suffix": "a blue square"},
+        {"image": "a.png", "prefix": "caption en"},
+    ]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    args = [f"data.train={data}", "data.train_split=train", "data.eval_split=null", "task.name=caption"]
+    code = main(["--recipe", RECIPE, f"training.output_dir={tmp_path / 'run'}", "training.max_steps=1", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{data}:2" in err or "train.jsonl:2" in err
+    assert "suffix" in err
+
+    code = main(
+        ["--recipe", RECIPE, f"training.output_dir={tmp_path / 'run'}", "training.max_steps=1",
+         "training.per_device_train_batch_size=1", "data.skip_bad_records=true", *args]
+    )
+    assert code == 0
+
+
+def test_hub_recipe_fails_fast_offline_and_says_what_to_do(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pg_finetune.train", "--recipe", str(ROOT / "recipes/tuxemon_caption.yaml"),
+         f"training.output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert time.time() - start < 60
+    assert "google/paligemma" in proc.stderr and "name_or_path" in proc.stderr
+
+
+@pytest.mark.parametrize("method", ["attention_only", "qlora"])
+def test_other_methods_train(tmp_path, method):
+    overrides = [f"tuning.method={method}", "eval.before_and_after=false"]
+    if method == "qlora":
+        overrides += ["tuning.load_in_4bit=true", "tuning.bnb_4bit_compute_dtype=float32"]
+    assert _run(tmp_path, *overrides) == 0
+    assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_wandb_offline_and_tensorboard_logging(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert _run(tmp_path, "logging.report_to=wandb", "logging.wandb_mode=offline", "eval.before_and_after=false") == 0
+    assert list(tmp_path.glob("wandb/offline-run-*")), "no offline wandb run written"
+    assert _run(tmp_path, "logging.report_to=tensorboard", "eval.before_and_after=false") == 0
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
