@@ -116,8 +116,8 @@ class TuningConfig:
         "lora",
         "full: all decoder weights; attention_only: decoder attention (big_vision colab); lora; qlora.",
     )
-    train_vision_tower: bool = _field(False, "Also train the SigLIP vision tower (full/attention_only).")
-    train_projector: bool = _field(False, "Also train the multi-modal projector (full/attention_only).")
+    train_vision_tower: bool = _field(False, "Also train the SigLIP vision tower fully (every method; for lora/qlora via modules_to_save).")
+    train_projector: bool = _field(False, "Also train the multi-modal projector fully (every method; for lora/qlora via modules_to_save).")
     lora_r: int = _field(8, "LoRA rank.")
     lora_alpha: int = _field(16, "LoRA scaling numerator (scale = alpha / r); usually 2 x rank.")
     lora_dropout: float = _field(0.05, "Dropout on the LoRA input, in [0, 1).")
@@ -434,6 +434,13 @@ def _check_combinations(recipe: Recipe) -> list[str]:
             f"tuning.load_in_4bit: true only works with tuning.method: qlora (got {tu.method!r}); "
             "set tuning.method: qlora or tuning.load_in_4bit: false"
         )
+    for adapters, full in (("lora_vision", "train_vision_tower"), ("lora_projector", "train_projector")):
+        if is_lora and getattr(tu, adapters) and getattr(tu, full):
+            # peft drops adapters inside a module listed in modules_to_save, silently
+            problems.append(
+                f"tuning.{adapters} and tuning.{full} are both true: a fully trained module cannot also hold "
+                f"LoRA adapters; keep one of them"
+            )
     if not is_lora:
         for key in ("lora_vision", "lora_projector"):
             if getattr(tu, key):

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from pg_finetune.generate import GenerationSettings, evaluate_task
 from pg_finetune.model import ModelLoadError, load_model, load_processor
 from pg_finetune.recipe import Recipe, RecipeError, load_recipe, save_recipe
 from pg_finetune.tasks import get_task
-from pg_finetune.tuning import apply_tuning, describe_parameters, merge_lora
+from pg_finetune.tuning import apply_tuning, describe_parameters, merge_adapter_into_base, merge_lora
 
 logger = logging.getLogger("pg_finetune.train")
 
@@ -274,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         save_recipe(recipe, final_dir)
         if recipe.training.merge_lora:
             merged_dir = output_dir / "merged"
-            merged = merge_lora(trainer.model)
+            if recipe.tuning.method == "qlora":  # merge into a full-precision copy of the base, not the 4-bit one
+                full_precision = replace(recipe.tuning, method="lora", load_in_4bit=False)
+                merged = merge_adapter_into_base(load_model(recipe.model, full_precision), final_dir)
+            else:
+                merged = merge_lora(trainer.model)
             merged.save_pretrained(merged_dir)
             processor.save_pretrained(merged_dir)
             save_recipe(recipe, merged_dir)
