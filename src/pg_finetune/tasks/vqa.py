@@ -21,10 +21,17 @@ def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]])
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not predictions:
         return {"exact_match": 0.0}
-    hits = sum(
+    correct = [
         normalize_answer(p) in {normalize_answer(r) for r in refs} for p, refs in zip(predictions, references)
-    )
-    return {"exact_match": hits / len(predictions)}
+    ]
+    scores = {"exact_match": sum(correct) / len(correct)}
+    # Split by answer type, so that learning the yes/no format is not mistaken for seeing the image.
+    yes_no = [normalize_answer(refs[0]) in ("yes", "no") if refs else False for refs in references]
+    for name, keep in (("yes_no", True), ("other", False)):
+        picked = [c for c, yn in zip(correct, yes_no) if yn is keep]
+        if picked:
+            scores[f"exact_match_{name}"] = sum(picked) / len(picked)
+    return scores
 
 
 VQA = Task(
