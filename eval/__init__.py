@@ -1,0 +1,1 @@
+"""Evaluation suite: `python -m eval.run --benchmark NAME ...` (see eval/run.py)."""
