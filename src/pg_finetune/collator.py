@@ -115,7 +115,7 @@ class PaliGemmaCollator:
         prefixes = self._encode([r["prefix"] for r in records])
         suffixes = self._encode([r["suffix"] for r in records]) if train else [None] * len(records)
 
-        rows = [self._layout(p, s, r) for p, s, r in zip(prefixes, suffixes, records)]
+        rows = [self._layout(p, s, r) for p, s, r in zip(prefixes, suffixes, records, strict=True)]
         batch = self._pad(rows, train)
         batch["pixel_values"] = self._pixels(records)
         return batch

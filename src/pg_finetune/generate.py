@@ -100,6 +100,6 @@ def evaluate_task(
     scores = task.score(predictions, references)
     rows = [
         {"id": r.get("id", str(i)), "prefix": r["prefix"], "prediction": p, "raw": t, "references": refs}
-        for i, (r, p, t, refs) in enumerate(zip(records, predictions, raw, references))
+        for i, (r, p, t, refs) in enumerate(zip(records, predictions, raw, references, strict=True))
     ]
     return scores, rows

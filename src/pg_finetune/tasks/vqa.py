@@ -22,13 +22,13 @@ def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]])
     if not predictions:
         return {"exact_match": 0.0}
     correct = [
-        normalize_answer(p) in {normalize_answer(r) for r in refs} for p, refs in zip(predictions, references)
+        normalize_answer(p) in {normalize_answer(r) for r in refs} for p, refs in zip(predictions, references, strict=True)
     ]
     scores = {"exact_match": sum(correct) / len(correct)}
     # Split by answer type, so that learning the yes/no format is not mistaken for seeing the image.
     yes_no = [normalize_answer(refs[0]) in ("yes", "no") if refs else False for refs in references]
     for name, keep in (("yes_no", True), ("other", False)):
-        picked = [c for c, yn in zip(correct, yes_no) if yn is keep]
+        picked = [c for c, yn in zip(correct, yes_no, strict=True) if yn is keep]
         if picked:
             scores[f"exact_match_{name}"] = sum(picked) / len(picked)
     return scores
