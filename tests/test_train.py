@@ -161,3 +161,20 @@ def test_wandb_offline_and_tensorboard_logging(tmp_path, monkeypatch):
     assert list(tmp_path.glob("wandb/offline-run-*")), "no offline wandb run written"
     assert _run(tmp_path, "logging.report_to=tensorboard", "eval.before_and_after=false") == 0
     assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_corrupt_image_found_mid_training_names_file_and_line(tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), "blue").save(good)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    rows = [{"image": "good.png", "prefix": "caption en", "suffix": "a blue square"}] * 3
+    rows.insert(1, {"image": "bad.png", "prefix": "caption en", "suffix": "broken"})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--recipe", RECIPE, f"training.output_dir={tmp_path / 'run'}", f"data.train={data}",
+            "data.eval_split=null", "task.name=caption", "training.max_steps=2",
+            "training.per_device_train_batch_size=2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:2" in err and "bad.png" in err
+    assert main([*args, "data.skip_bad_records=true"]) == 0

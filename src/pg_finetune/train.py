@@ -160,7 +160,6 @@ def training_arguments(recipe: Recipe, output_dir: Path) -> TrainingArguments:
         save_total_limit=t.save_total_limit,
         bf16=t.bf16,
         fp16=t.fp16,
-        gradient_checkpointing=False,  # enabled by apply_tuning, with use_reentrant=False
         dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,  # records are dicts with images; the collator picks what it needs
@@ -254,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     if resume == "auto":
         resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         logger.info("resuming from %s", resume or "scratch (no checkpoint found)")
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except BadRecordError as err:  # an image that only fails when decoded, mid-epoch
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if nan_guard.bad_step is not None:
         last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         print(
