@@ -1,6 +1,6 @@
 """Fine-tune PaliGemma / PaliGemma 2 from a YAML recipe.
 
-    python -m pg_finetune.train --recipe recipes/tiny/easyvqa_lora.yaml
+    python -m pg_finetune.train --recipe recipes/tiny/easyvqa_full.yaml
     python -m pg_finetune.train --recipe recipes/tuxemon_caption.yaml training.learning_rate=1e-4
     accelerate launch -m pg_finetune.train --recipe recipes/tuxemon_caption.yaml
 
@@ -36,7 +36,7 @@ from pg_finetune.tuning import apply_tuning, describe_parameters, merge_adapter_
 
 logger = logging.getLogger("pg_finetune.train")
 
-DEFAULT_RECIPE = "recipes/tiny/easyvqa_lora.yaml"
+DEFAULT_RECIPE = "recipes/tiny/easyvqa_full.yaml"
 
 
 class NaNLossError(RuntimeError):
