@@ -32,7 +32,7 @@ def baseline_collator(processor):
     def collate(records):
         batch = processor(
             images=[r["image"] for r in records],
-            text=[r["prefix"] for r in records],
+            text=["<image>" + r["prefix"] for r in records],  # as the HF PaliGemma docs write it
             suffix=[r["suffix"] for r in records],
             return_tensors="pt",
             padding="longest",
