@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------------------------------- save
     final_dir = output_dir / "final"
+    trainer.save_model(str(final_dir))  # on every rank: FSDP / ZeRO-3 gather the weights collectively
     if is_main:
-        trainer.save_model(str(final_dir))
         processor.save_pretrained(final_dir)
         save_recipe(recipe, final_dir)
         if recipe.training.merge_lora:
