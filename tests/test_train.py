@@ -178,3 +178,15 @@ def test_corrupt_image_found_mid_training_names_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.jsonl:2" in err and "bad.png" in err
     assert main([*args, "data.skip_bad_records=true"]) == 0
+
+
+def test_a_single_jsonl_file_is_not_evaluated_on_itself(tmp_path):
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "a.png")
+    row = {"image": "a.png", "prefix": "caption en", "suffix": "a blue square"}
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    code = main(["--recipe", RECIPE, f"training.output_dir={tmp_path / 'run'}", f"data.train={data}",
+                 "task.name=caption", "training.max_steps=1", "training.per_device_train_batch_size=1"])
+    assert code == 0
+    assert not (tmp_path / "run" / "predictions_before.jsonl").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["after"] is None

@@ -112,6 +112,11 @@ class RunEval:
         return scores
 
 
+def _smallest(*limits: int | None) -> int | None:
+    given = [n for n in limits if n is not None]
+    return min(given) if given else None
+
+
 def _fmt(scores: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
 
@@ -213,9 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_data = load_records(d.train, d.train_split, limit=d.max_train_samples, require_suffix=True, **common)
         eval_records: list[dict] = []
-        if d.eval_split:
+        eval_split = d.eval_split
+        if eval_split and d.eval is None and Path(d.train).is_file():
+            # one JSONL file has no splits: its "test" would be the training data again
+            logger.warning("data.train is a single file and data.eval is not set: no held-out evaluation")
+            eval_split = None
+        if eval_split:
             eval_data = load_records(
-                d.eval or d.train, d.eval_split, limit=recipe.eval.max_samples or d.max_eval_samples,
+                d.eval or d.train, eval_split, limit=_smallest(recipe.eval.max_samples, d.max_eval_samples),
                 require_suffix=False, **common,
             )
             eval_records = [r for r in (eval_data[i] for i in range(len(eval_data))) if r is not None]
