@@ -48,7 +48,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m ruff check src tests eval bench
+	$(PY) -m ruff check src tests eval bench data_prep
 
 eval: setup
 	$(PY) -m eval.run $(ARGS)

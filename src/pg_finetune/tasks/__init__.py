@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pg_finetune.tasks.base import Task
 from pg_finetune.tasks.caption import CAPTION
+from pg_finetune.tasks.count import COUNT
+from pg_finetune.tasks.detect import DETECT
 from pg_finetune.tasks.vqa import VQA
 
-TASKS: dict[str, Task] = {task.name: task for task in (CAPTION, VQA)}
+TASKS: dict[str, Task] = {task.name: task for task in (CAPTION, VQA, DETECT, COUNT)}
 
 
 def get_task(name: str) -> Task:
