@@ -233,6 +233,29 @@ def test_unknown_task_lists_valid_names():
     assert "caption" in msg and "vqa" in msg
 
 
+def test_detection_augment_defaults():
+    assert recipe_from_dict({}).task.shuffle_objects is None
+    assert recipe_from_dict({}).task.negatives == 0
+    task = recipe_from_dict({"task": {"name": "detect", "shuffle_objects": True, "negatives": 3}}).task
+    assert (task.shuffle_objects, task.negatives) == (True, 3)
+    assert recipe_from_dict({"task": {"name": "vqa", "shuffle_objects": False}}).task.shuffle_objects is False
+
+
+def test_shuffle_objects_needs_detect():
+    msg = only_problem({"task": {"name": "vqa", "shuffle_objects": True}})
+    assert msg.startswith("task.shuffle_objects:") and "detect" in msg and "'vqa'" in msg
+
+
+def test_negatives_need_detect():
+    msg = only_problem({"task": {"name": "caption", "negatives": 2}})
+    assert msg.startswith("task.negatives:") and "detect" in msg and "'caption'" in msg
+
+
+def test_negatives_not_negative():
+    msg = only_problem({"task": {"name": "detect", "negatives": -1}})
+    assert msg.startswith("task.negatives:") and ">= 0" in msg
+
+
 def test_empty_train_source():
     msg = only_problem({"data": {"train": "  "}})
     assert msg.startswith("data.train:")

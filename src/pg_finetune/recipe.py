@@ -78,6 +78,16 @@ class TaskConfig:
 
     name: str = _field("vqa", "A key of pg_finetune.tasks.TASKS, e.g. 'vqa' or 'caption'.")
     prefix: str | None = _field(None, "Prompt used when a record has none; null = the task's default.")
+    shuffle_objects: bool | None = _field(
+        None,
+        "Detection: rebuild each training suffix with the objects in a new seeded order every epoch "
+        "(as big_vision does); null = on for task detect, off otherwise. True needs task detect.",
+    )
+    negatives: int = _field(
+        0,
+        "Detection: add up to this many classes absent from the image (from the union of training labels) "
+        "to each training prefix, with nothing for them in the suffix; 0 = none. > 0 needs task detect.",
+    )
 
 
 @dataclass
@@ -397,6 +407,17 @@ def _check_combinations(recipe: Recipe) -> list[str]:
         close = difflib.get_close_matches(t.name, list(TASKS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         problems.append(f"task.name: unknown task {t.name!r}; valid tasks: {', '.join(sorted(TASKS))}{hint}")
+    if t.shuffle_objects and t.name != "detect":
+        problems.append(
+            f"task.shuffle_objects: true only works with task.name detect (got {t.name!r}); "
+            "set task.shuffle_objects: false or null"
+        )
+    at_least("task.negatives", t.negatives, 0, extra=" (0 = no absent classes in the prompt)")
+    if t.negatives > 0 and t.name != "detect":
+        problems.append(
+            f"task.negatives: {t.negatives} only works with task.name detect (got {t.name!r}); "
+            "set task.negatives: 0"
+        )
 
     # data
     if not d.train.strip():

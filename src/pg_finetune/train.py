@@ -26,6 +26,7 @@ import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from pg_finetune.augment import DetectionAugment, EpochCallback, collect_classes
 from pg_finetune.collator import PaliGemmaCollator
 from pg_finetune.data import BadRecordError, load_records
 from pg_finetune.generate import GenerationSettings, evaluate_task
@@ -233,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     logger.info("train: %d records from %s; eval: %d records", len(train_data), d.train, len(eval_records))
+    t = recipe.task
+    augment = None
+    if t.name == "detect" and (t.shuffle_objects is not False or t.negatives > 0):
+        augment = train_data = DetectionAugment(
+            train_data, seed=recipe.training.seed, shuffle_objects=t.shuffle_objects is not False,
+            negatives=t.negatives, all_classes=collect_classes(train_data),
+        )
     collator = PaliGemmaCollator(processor, max_length=d.max_length, padding_side=d.padding_side, truncation=d.truncation)
 
     # --------------------------------------------------------------------------------- metric before
@@ -249,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     if recipe.eval.eval_steps and eval_records:
         gen_eval = GenerationEvalCallback(run_eval, recipe.eval.eval_steps)
         callbacks.append(gen_eval)
+    if augment is not None:
+        callbacks.append(EpochCallback(augment))
     trainer = Trainer(
         model=model,
         args=training_arguments(recipe, output_dir),
