@@ -559,3 +559,48 @@ def test_builtin_easyvqa_caption_agrees_with_qa():
     assert checked_full > 100  # the direct-answer check above covered many images
     first = captions[0]
     assert first["image"].size == (64, 64) and first["where"] == "builtin:easyvqa-caption train #0"
+
+
+def _independent_shape_box(path: str) -> tuple[int, int, int, int]:
+    """The shape's bounding box, computed here separately: background = the corner colour."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    corners = [tuple(pixels[y, x]) for y in (0, -1) for x in (0, -1)]
+    background = max(set(corners), key=corners.count)
+    mask = np.abs(pixels - np.array(background)).sum(axis=-1) > 0
+    rows, cols = np.where(mask.any(axis=1))[0], np.where(mask.any(axis=0))[0]
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def test_builtin_easyvqa_detect_boxes_labels_and_sizes():
+    from easy_vqa import get_train_image_paths
+
+    from pg_finetune.data import _EASYVQA_DETECT_SKIPPED
+    from pg_finetune.loc import parse_detections
+
+    detect = load_records("builtin:easyvqa-detect", "train")
+    skipped = sum(_EASYVQA_DETECT_SKIPPED["train"].values())
+    assert len(detect) == len(get_train_image_paths()) - skipped == 4000 - skipped
+    assert skipped < 400  # most images have a QA pair naming their shape
+    test = load_records("builtin:easyvqa-detect", "test")
+    assert len(test) == 1000 - sum(_EASYVQA_DETECT_SKIPPED["test"].values())
+
+    paths = get_train_image_paths()
+    captions = load_records("builtin:easyvqa-caption", "train")
+    caption_by_image = {captions.rows_meta(i)["image_id"]: captions.rows_meta(i)["suffix"] for i in range(50)}
+    for i in (0, 7, 23):
+        meta = detect.rows_meta(i)
+        (label,) = meta["labels"]
+        assert label in ("circle", "rectangle", "triangle")
+        assert caption_by_image[meta["image_id"]].endswith(label)
+        assert meta["prefix"] == f"detect {label}"
+        assert meta["width"] == meta["height"] == 64
+        box = _independent_shape_box(paths[meta["image_id"]])
+        assert meta["boxes"] == [list(box)]
+        assert 0 < box[2] - box[0] < 64 and 0 < box[3] - box[1] < 64
+        parsed = parse_detections(meta["suffix"], 64, 64)
+        assert parsed.malformed == 0 and len(parsed.detections) == 1
+        assert parsed.detections[0].label == label
+        half_bin = 64 / 1023 / 2
+        assert np.allclose(parsed.detections[0].box, box, atol=half_bin + 1e-9)
+        assert meta["where"] == f"builtin:easyvqa-detect train #{i}"
+    assert detect[0]["image"].size == (64, 64)
