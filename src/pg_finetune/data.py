@@ -610,6 +610,14 @@ def _check_row(row: dict, default_prefix: str | None, require_suffix: bool) -> t
                 row, "missing prefix", "prefix", "missing prefix (and no default prefix: set task.prefix)"
             )
         prefix = default_prefix
+        if "{" in prefix:  # a template such as "answer en {question}", filled from the row's fields
+            try:
+                prefix = prefix.format_map(row)
+            except (KeyError, IndexError, ValueError) as err:
+                raise _bad(
+                    row, "prefix template field missing", "prefix",
+                    f"task.prefix template {default_prefix!r} needs field {err}, which this record lacks",
+                ) from None
     if not isinstance(prefix, str):
         raise _bad(
             row, "prefix not a string", "prefix", f"prefix must be a string, got {type(prefix).__name__}"

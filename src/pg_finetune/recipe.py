@@ -77,7 +77,11 @@ class TaskConfig:
     """What the model is trained to do (prompt format, output parser, metric)."""
 
     name: str = _field("vqa", "A key of pg_finetune.tasks.TASKS, e.g. 'vqa' or 'caption'.")
-    prefix: str | None = _field(None, "Prompt used when a record has none; null = the task's default.")
+    prefix: str | None = _field(
+        None,
+        "Prompt used when a record has none; null = the task's default. May name record fields: "
+        "\"answer en {question}\".",
+    )
     shuffle_objects: bool | None = _field(
         None,
         "Detection: rebuild each training suffix with the objects in a new seeded order every epoch "

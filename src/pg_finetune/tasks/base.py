@@ -31,4 +31,7 @@ class Task:
         refs = record.get(self.reference_field)
         if refs is None:
             refs = [record["suffix"]] if record.get("suffix") is not None else []
-        return [refs] if isinstance(refs, str) else list(refs)
+        if isinstance(refs, str):
+            return [refs]
+        # VQAv2-style answer lists hold dicts: {"answer": ..., "answer_confidence": ..., "answer_id": ...}
+        return [r["answer"] if isinstance(r, dict) and "answer" in r else r for r in refs]
