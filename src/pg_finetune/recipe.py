@@ -181,7 +181,6 @@ class TrainingConfig:
     bf16: bool = _field(False, "bfloat16 autocast (Ampere or newer GPUs).")
     fp16: bool = _field(False, "float16 autocast with loss scaling (e.g. T4).")
     dataloader_num_workers: int = _field(0, "DataLoader worker processes; 0 = load in the main process.")
-    group_by_length: bool = _field(False, "Batch examples of similar length together to pad less.")
     resume_from_checkpoint: str | None = _field(
         None, "'auto' = latest checkpoint in output_dir, or a checkpoint path; null = start fresh."
     )
