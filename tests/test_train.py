@@ -190,3 +190,26 @@ def test_a_single_jsonl_file_is_not_evaluated_on_itself(tmp_path):
     assert code == 0
     assert not (tmp_path / "run" / "predictions_before.jsonl").exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["after"] is None
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    original = PaliGemmaForConditionalGeneration.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training and out.loss is not None:
+            calls["n"] += 1
+            if calls["n"] >= 3:  # the third training step goes bad
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(PaliGemmaForConditionalGeneration, "forward", forward)
+    code = _run(tmp_path, "tuning.method=full", "training.save_steps=1", "training.max_steps=5",
+                "eval.before_and_after=false")
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "NaN" in err and "step 3" in err and "checkpoint-2" in err
+    run = tmp_path / "run"
+    assert (run / "checkpoint-2").is_dir()
+    assert not (run / "checkpoint-3").exists() and not (run / "final").exists()

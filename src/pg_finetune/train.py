@@ -161,6 +161,7 @@ def training_arguments(recipe: Recipe, output_dir: Path) -> TrainingArguments:
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # let NaNGuardCallback see a NaN instead of a smoothed-over loss
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
