@@ -213,3 +213,31 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     run = tmp_path / "run"
     assert (run / "checkpoint-2").is_dir()
     assert not (run / "checkpoint-3").exists() and not (run / "final").exists()
+
+
+def _front_matter(readme: Path) -> dict:
+    text = readme.read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_model_card_front_matter_and_snippet_that_runs(tmp_path, method):
+    overrides = ["training.merge_lora=true"] if method == "lora" else ["tuning.method=full"]
+    assert _run(tmp_path, *overrides) == 0
+    final = tmp_path / "run" / "final"
+    front = _front_matter(final / "README.md")
+    assert front["library_name"] == ("peft" if method == "lora" else "transformers")
+    assert front["pipeline_tag"] == "image-text-to-text"
+    assert {"paligemma", "vqa", method} <= set(front["tags"])
+    assert front["datasets"] == ["easy-vqa"]
+    assert Path(front["base_model"]).is_dir()  # the tiny model's directory, loadable by transformers
+    text = (final / "README.md").read_text()
+    assert "| vqa/exact_match |" in text
+    # the usage snippet runs as written, on a real image
+    image = tmp_path / "your_image.jpg"
+    Image.new("RGB", (64, 64), "red").save(image)
+    snippet = text.split("```python\n")[1].split("```")[0].replace("your_image.jpg", str(image))
+    exec(compile(snippet, "README snippet", "exec"), {})
+    if method == "lora":
+        assert _front_matter(tmp_path / "run" / "merged" / "README.md")["library_name"] == "transformers"

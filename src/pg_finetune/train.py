@@ -31,6 +31,7 @@ from pg_finetune.collator import PaliGemmaCollator
 from pg_finetune.data import BadRecordError, load_records
 from pg_finetune.generate import GenerationSettings, evaluate_task
 from pg_finetune.model import ModelLoadError, load_model, load_processor
+from pg_finetune.model_card import write_model_card
 from pg_finetune.recipe import Recipe, RecipeError, load_recipe, save_recipe
 from pg_finetune.tasks import get_task
 from pg_finetune.tuning import apply_tuning, describe_parameters, merge_adapter_into_base, merge_lora
@@ -311,6 +312,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # --------------------------------------------------------------------------------- metric after
     after = run_eval(trainer.model, "after training", save_as="after") if eval_records and recipe.eval.before_and_after else None
+    if is_main:
+        card = dict(
+            trainable=describe_parameters(trainer.model),
+            example_prompt=eval_records[0]["prefix"] if eval_records else train_data.rows_meta(0)["prefix"],
+            max_new_tokens=run_eval.settings.max_new_tokens,
+            before=before,
+            after=after,
+        )
+        is_adapter = recipe.tuning.method in ("lora", "qlora")
+        write_model_card(final_dir, recipe, is_adapter=is_adapter, **card)
+        if recipe.training.merge_lora:
+            write_model_card(output_dir / "merged", recipe, is_adapter=False, **card)
     summary = {
         "recipe": recipe.name,
         "train_loss": result.training_loss,
