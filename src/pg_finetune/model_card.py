@@ -14,35 +14,32 @@ import yaml
 
 from pg_finetune.model import TINY_MODELS, resolve_model_path
 
-_SNIPPET_FULL = '''```python
+_SNIPPET = """```python
 import torch
 from PIL import Image
-from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
-
-model = PaliGemmaForConditionalGeneration.from_pretrained({model_dir!r}).eval()
+{imports}
+{load}
 processor = AutoProcessor.from_pretrained({model_dir!r})
 image = Image.open("your_image.jpg").convert("RGB")
 inputs = processor(images=image, text="<image>" + {prompt!r}, return_tensors="pt")
 with torch.no_grad():
     out = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```'''
+```"""
 
-_SNIPPET_ADAPTER = '''```python
-import torch
-from PIL import Image
-from peft import PeftModel
-from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+_LOAD_FULL = "model = PaliGemmaForConditionalGeneration.from_pretrained({model_dir!r}).eval()"
+_LOAD_ADAPTER = (
+    "base = PaliGemmaForConditionalGeneration.from_pretrained({base!r})\n"
+    "model = PeftModel.from_pretrained(base, {model_dir!r}).eval()"
+)
 
-base = PaliGemmaForConditionalGeneration.from_pretrained({base!r})
-model = PeftModel.from_pretrained(base, {model_dir!r}).eval()
-processor = AutoProcessor.from_pretrained({model_dir!r})
-image = Image.open("your_image.jpg").convert("RGB")
-inputs = processor(images=image, text="<image>" + {prompt!r}, return_tensors="pt")
-with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)
-print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```'''
+
+def _snippet(*, is_adapter: bool, model_dir: str, base: str, prompt: str, max_new_tokens: int) -> str:
+    imports = "from transformers import AutoProcessor, PaliGemmaForConditionalGeneration"
+    if is_adapter:
+        imports = "from peft import PeftModel\n" + imports
+    load = (_LOAD_ADAPTER if is_adapter else _LOAD_FULL).format(model_dir=model_dir, base=base)
+    return _SNIPPET.format(imports=imports, load=load, model_dir=model_dir, prompt=prompt, max_new_tokens=max_new_tokens)
 
 
 def _dataset_name(source: str) -> str:
@@ -108,11 +105,13 @@ def model_card(
             prior = (before or {}).get(key)
             lines.append(f"| {recipe.task.name}/{key} | {'' if prior is None else f'{prior:.4f}'} | {value:.4f} |")
         lines.append("")
-    snippet = _SNIPPET_ADAPTER if is_adapter else _SNIPPET_FULL
     lines += [
         "## Use",
         "",
-        snippet.format(model_dir=model_dir, base=base, prompt=example_prompt, max_new_tokens=max_new_tokens),
+        _snippet(
+            is_adapter=is_adapter, model_dir=model_dir, base=base, prompt=example_prompt,
+            max_new_tokens=max_new_tokens,
+        ),
         "",
     ]
     return "\n".join(lines)
