@@ -18,6 +18,7 @@ _SNIPPET = """```python
 import torch
 from PIL import Image
 {imports}
+
 {load}
 processor = AutoProcessor.from_pretrained({model_dir!r})
 image = Image.open("your_image.jpg").convert("RGB")
