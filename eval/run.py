@@ -80,12 +80,9 @@ def score_files(benchmark: Benchmark, predictions_path: str, references_path: st
 
 
 def evaluate_model(args: argparse.Namespace, benchmark: Benchmark) -> tuple[dict, list[dict]]:
-    import torch
-
     from pg_finetune.data import load_records
     from pg_finetune.generate import GenerationSettings, evaluate_task
-    from pg_finetune.model import load_model, load_processor
-    from pg_finetune.recipe import ModelConfig
+    from pg_finetune.model import load_for_inference
 
     task = get_task(benchmark.task)
     source = args.data or benchmark.source
@@ -96,14 +93,7 @@ def evaluate_model(args: argparse.Namespace, benchmark: Benchmark) -> tuple[dict
         limit=args.limit, skip_bad_records=True,
     )
     records = [r for r in (records_ds[i] for i in range(len(records_ds))) if r is not None]
-    processor = load_processor(args.adapter or args.model) if args.adapter else load_processor(args.model)
-    model = load_model(ModelConfig(name_or_path=args.model, dtype=args.dtype))
-    if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
-    if torch.cuda.is_available() and not args.cpu:
-        model = model.cuda()
+    model, processor = load_for_inference(args.model, args.adapter, dtype=args.dtype, cpu=args.cpu)
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens or task.max_new_tokens, batch_size=args.batch_size, num_beams=args.num_beams
     )

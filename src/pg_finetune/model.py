@@ -148,3 +148,23 @@ def _explain(name: str, err: Exception, what: str) -> str:
         f"`hf download {name} --local-dir models/{name.split('/')[-1]}` and set "
         f"model.name_or_path to that directory. To try the toolkit offline use model.name_or_path: tiny."
     )
+
+
+def load_for_inference(
+    name_or_path: str, adapter: str | None = None, *, dtype: str = "float32", cpu: bool = False
+) -> tuple[PaliGemmaForConditionalGeneration, Any]:
+    """(model in eval mode, processor) for generation: base model, optional PEFT adapter, GPU if present.
+
+    The processor comes from the adapter directory when there is one (training saves it there).
+    """
+    from pg_finetune.recipe import ModelConfig
+
+    processor = load_processor(adapter or name_or_path)
+    model = load_model(ModelConfig(name_or_path=name_or_path, dtype=dtype))
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    if torch.cuda.is_available() and not cpu:
+        model = model.cuda()
+    return model.eval(), processor

@@ -23,8 +23,7 @@ from PIL import Image, ImageDraw
 from pg_finetune.generate import GenerationSettings, generate
 from pg_finetune.images import BadRecordError, open_image
 from pg_finetune.loc import parse_detections
-from pg_finetune.model import ModelLoadError, load_model, load_processor
-from pg_finetune.recipe import ModelConfig
+from pg_finetune.model import ModelLoadError, load_for_inference
 
 
 def draw_detections(image: Image.Image, detections) -> Image.Image:
@@ -61,17 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         image = open_image(args.image, where=args.image)
-        processor = load_processor(args.adapter or args.model) if args.adapter else load_processor(args.model)
-        model = load_model(ModelConfig(name_or_path=args.model, dtype=args.dtype))
+        model, processor = load_for_inference(args.model, args.adapter, dtype=args.dtype, cpu=args.cpu)
     except (BadRecordError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
-    if torch.cuda.is_available() and not args.cpu:
-        model = model.cuda()
     torch.manual_seed(args.seed)
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
