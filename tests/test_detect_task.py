@@ -86,6 +86,8 @@ def test_scores_on_three_images_by_hand():
     # Matched at IoU >= 0.5: dog (1) and image-2 cat (0.6) -> 2 of 3 GT boxes.
     assert scores["acc@0.5"] == pytest.approx(2 / 3)
     assert scores["recall@0.5"] == pytest.approx(2 / 3)
+    # Only the dog (IoU 1) reaches 0.75.
+    assert scores["acc@0.75"] == pytest.approx(1 / 3)
     # 4 valid predictions (2 + 1 + 1), 2 hits.
     assert scores["precision@0.5"] == pytest.approx(0.5)
     # 5 segments (2 + 2 + 1), 1 malformed.
@@ -137,6 +139,7 @@ def test_no_gt_no_prediction_is_perfect_and_empty_eval_is_zero():
     assert detection_scores([], []) == {
         "miou": 0.0,
         "acc@0.5": 0.0,
+        "acc@0.75": 0.0,
         "precision@0.5": 0.0,
         "recall@0.5": 0.0,
         "invalid_rate": 0.0,

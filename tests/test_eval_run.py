@@ -51,3 +51,35 @@ def test_model_run_writes_predictions_and_namespaced_scores(tmp_path):
     assert len(rows) == 6 and all(r["prefix"].startswith("answer en ") for r in rows)
     scores = json.loads((out / "scores.json").read_text())
     assert "easyvqa/test/exact_match" in scores
+
+
+def test_scoring_writes_a_report_and_needs_both_files(tmp_path):
+    refs = _write(tmp_path / "refs.jsonl", [{"id": "a", "answers": ["red"]}])
+    preds = _write(tmp_path / "preds.jsonl", [{"id": "a", "prediction": "red"}])
+    out = tmp_path / "out"
+    assert main(["--benchmark", "vqa", "--predictions", preds, "--references", refs, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["scored"] == 1 and report["benchmark"] == "vqa" and report["missing"] == []
+    assert json.loads((out / "scores.json").read_text()) == {"vqa/validation/exact_match": 1.0, "vqa/validation/exact_match_other": 1.0}
+    with pytest.raises(SystemExit):
+        main(["--benchmark", "vqa", "--predictions", preds, "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["--benchmark", "vqa", "--predictions", str(tmp_path / "nope.jsonl"), "--references", refs])
+
+
+def test_benchmark_without_default_data_asks_for_data(tmp_path):
+    with pytest.raises(SystemExit, match="needs --data"):
+        main(["--benchmark", "detection", "--model", "tiny", "--out", str(tmp_path)])
+
+
+def test_constrained_detection_flag_reaches_generation(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--benchmark", "detection", "--data", "builtin:easyvqa-detect", "--split", "test", "--limit", "2",
+            "--model", "tiny", "--max-new-tokens", "10", "--constrained-detection", "--html-samples", "0",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    # Under the grammar the tiny model's output starts with four location tokens and the label.
+    assert all(r["raw"].startswith("<loc") and r["prefix"].split()[-1] in r["raw"] for r in rows)
+    assert "detection/test/map" in json.loads((out / "scores.json").read_text())
+    assert not (out / "detections.html").exists()

@@ -63,3 +63,27 @@ def test_predict_cli_names_a_missing_image(tmp_path, capsys):
     code = predict_main(["--model", "tiny", "--image", str(tmp_path / "nope.png"), "--prompt", "caption en"])
     assert code == 2
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_constrain_detection_is_off_by_default_and_adds_nothing_to_generate():
+    settings = GenerationSettings()
+    assert settings.constrain_detection is False
+    _, processor = build_tiny()
+    assert "logits_processor" not in settings.generate_kwargs(processor.tokenizer)
+
+
+def test_predict_cli_constrained_detection_parses(tmp_path, capsys):
+    from pg_finetune.loc import parse_detections
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (64, 48), "blue").save(image)
+    argv = ["--model", "tiny", "--image", str(image), "--prompt", "detect circle ; red square",
+            "--max-new-tokens", "24", "--json"]
+    assert predict_main(argv) == 0
+    free = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert predict_main([*argv, "--constrained"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["output"] != free["output"]  # the stock tiny model writes only newlines on its own
+    parsed = parse_detections(result["output"], 64, 48, allowed_labels=["circle", "red square"])
+    assert parsed.malformed == 0 and result["malformed"] == 0
+    assert len(result["detections"]) == len(parsed.detections) >= 1

@@ -1,7 +1,9 @@
 """Batched generation and task scoring, shared by training-time eval, the eval suite and the CLI.
 
 Prompts are left-padded (so every row's new tokens start at the same column),
-decoded with the KV cache, greedy unless sampling or beams are asked for.
+decoded with the KV cache, greedy unless sampling or beams are asked for. With
+`constrain_detection`, rows whose prompt is `detect a ; b` are decoded under
+`pg_finetune.constrained.DetectionConstraint`, so their output always parses.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 16
+    # Detect prompts only: mask tokens so the output is `<loc>x4 label ( ; ... )*` with prompt labels.
+    constrain_detection: bool = False
 
     def generate_kwargs(self, tokenizer) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
@@ -66,12 +70,16 @@ def generate(
     was_training = model.training
     model.eval()
     outputs: list[str] = []
+    label_tries: dict = {}  # labels -> token trie, shared by the batches of this call
     bar = tqdm(total=len(records), desc=desc, unit="ex", disable=not progress, leave=False)
     try:
         for start in range(0, len(records), settings.batch_size):
             chunk = [{k: v for k, v in r.items() if k != "suffix"} for r in records[start : start + settings.batch_size]]
             batch = {k: v.to(device) for k, v in collator(chunk).items()}
-            generated = model.generate(**batch, **settings.generate_kwargs(tokenizer))
+            kwargs = settings.generate_kwargs(tokenizer)
+            if settings.constrain_detection:
+                kwargs.update(_detection_constraint(tokenizer, chunk, batch, settings, label_tries))
+            generated = model.generate(**batch, **kwargs)
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
             bar.update(len(chunk))
@@ -79,6 +87,22 @@ def generate(
         bar.close()
         model.train(was_training)
     return outputs
+
+
+def _detection_constraint(tokenizer, chunk, batch, settings, label_tries) -> dict[str, Any]:
+    """`logits_processor` kwargs constraining this batch's detect rows; {} when none is a detect prompt."""
+    from transformers import LogitsProcessorList
+
+    from pg_finetune.constrained import DetectionConstraint, detect_labels
+
+    prefixes = [r["prefix"] for r in chunk]
+    if not any(detect_labels(p) for p in prefixes):
+        return {}
+    constraint = DetectionConstraint.for_records(
+        tokenizer, prefixes, prompt_length=batch["input_ids"].shape[1],
+        max_new_tokens=settings.max_new_tokens, tries=label_tries,
+    )
+    return {"logits_processor": LogitsProcessorList([constraint])}
 
 
 def evaluate_task(

@@ -3,11 +3,12 @@
     python -m pg_finetune.predict --model runs/tiny_easyvqa_full/final --image shape.png \\
         --prompt "answer en what color is the shape?"
     python -m pg_finetune.predict --model google/paligemma2-3b-pt-224 --adapter runs/x/final \\
-        --image street.jpg --prompt "detect car ; person" --save-overlay boxes.png
+        --image street.jpg --prompt "detect car ; person" --save-overlay boxes.png --constrained
 
 Greedy decoding unless --do-sample (then --temperature and --top-p apply). For
 `detect ...` prompts the parsed boxes are printed (pixels, x1 y1 x2 y2) and
---save-overlay draws them on the image.
+--save-overlay draws them on the image; --constrained masks the decoding so the
+output always parses as boxes with the prompt's labels (`pg_finetune.constrained`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    parser.add_argument(
+        "--constrained", action="store_true",
+        help="for detect prompts: only let the model write `<loc>x4 label ; ...` with the prompt's labels",
+    )
     parser.add_argument("--save-overlay", help="for detect prompts: write the image with boxes drawn here")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-        top_p=args.top_p, batch_size=1,
+        top_p=args.top_p, batch_size=1, constrain_detection=args.constrained,
     )
     text = generate(model, processor, [{"image": image, "prefix": args.prompt}], settings, progress=False)[0]
     result: dict = {"prompt": args.prompt, "output": text}

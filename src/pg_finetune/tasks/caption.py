@@ -1,41 +1,26 @@
 """Image captioning: prefix `caption en`, suffix the caption.
 
-Records may carry several reference captions in `captions`; the headline metric
-is CIDEr-D through pycocoevalcap's scorer (pure Python, no java needed), with
-BLEU-4 and ROUGE-L beside it. Tokenisation is a documented fallback for the PTB
-tokenizer (which needs java): lower case, punctuation split off, as PTB does.
+Records may carry several reference captions in `captions`; the headline metric is CIDEr-D
+through pycocoevalcap's scorer, with BLEU-4 and ROUGE-L beside it (`pg_finetune.metrics.captions`).
+Captions are tokenized as the COCO evaluation does, with the Stanford PTB tokenizer, when `java`
+is on the PATH; otherwise with `simple_tokenize` (lower case, punctuation dropped), a documented
+fallback whose scores are close to but not equal to the official ones.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
+from pg_finetune.metrics.captions import caption_scores as _caption_scores
+from pg_finetune.metrics.captions import simple_tokenize
 from pg_finetune.tasks.base import Task
 
-_PUNCT = re.compile(r"""[.,!?;:"'()\[\]{}]""")
-
-
-def simple_tokenize(text: str) -> str:
-    """Lower-case and drop punctuation, the way PTBTokenizer's output looks for captions."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+__all__ = ["CAPTION", "caption_scores", "simple_tokenize"]
 
 
 def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        return {"cider": 0.0, "bleu4": 0.0, "rouge_l": 0.0}
-    res = {i: [simple_tokenize(p) or "<empty>"] for i, p in enumerate(predictions)}
-    gts = {i: [simple_tokenize(r) for r in refs] for i, refs in enumerate(references)}
-    cider, _ = Cider().compute_score(gts, res)
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, _ = Rouge().compute_score(gts, res)
-    return {"cider": float(cider), "bleu4": float(bleu[3]), "rouge_l": float(rouge)}
+    """{"cider", "bleu4", "rouge_l"}, tokenized with PTB when java is present (see the module docstring)."""
+    return _caption_scores(predictions, references, tokenizer="auto")
 
 
 CAPTION = Task(

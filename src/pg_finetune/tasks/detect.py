@@ -10,22 +10,28 @@ Hungarian algorithm on IoU (a greedy match can pair a prediction with the wrong 
 and lose a match). Metrics, pooled over all ground-truth boxes / predictions:
 miou (IoU of each GT box with its match, 0 when unmatched), acc@0.5 (RefCOCO-style:
 fraction of GT boxes matched at IoU >= 0.5; equals recall@0.5 under one-to-one
-matching), precision@0.5, recall@0.5, and invalid_rate (malformed segments / segments).
+matching), acc@0.75, precision@0.5, recall@0.5, and invalid_rate (malformed segments / segments).
+IoU and matching live in `pg_finetune.metrics.boxes`; the eval suite adds COCO mAP
+(`evaluate_detections(..., with_map=True)`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-import numpy as np
-from scipy.optimize import linear_sum_assignment
-
-from pg_finetune.loc import DETECT_PREFIX, detect_prefix, format_detections, parse_detections
+from pg_finetune.loc import DETECT_PREFIX, ParseResult, detect_prefix, format_detections, parse_detections
+from pg_finetune.metrics.boxes import ImageBoxes, accuracy_at, box_iou, coco_map, match_boxes
 from pg_finetune.tasks.base import Task
+
+__all__ = [
+    "DETECT", "DetectTask", "DetectionEvaluation", "box_iou", "detection_reference", "detection_scores",
+    "evaluate_detections", "make_prefix", "make_suffix", "match_boxes", "shuffle_objects",
+]  # fmt: skip
 
 IOU_THRESHOLD = 0.5
 T = TypeVar("T")
@@ -89,67 +95,138 @@ def make_prefix(
 # ---- scoring --------------------------------------------------------------------------------------
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two pixel x1, y1, x2, y2 boxes (0 when both are empty)."""
-    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = inter_w * inter_h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def match_boxes(predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[float]]) -> list[float]:
-    """IoU of each ground-truth box with its one-to-one match (0 when unmatched), maximising total IoU."""
-    ious = [0.0] * len(truth)
-    if not predicted or not truth:
-        return ious
-    matrix = np.array([[box_iou(p, t) for t in truth] for p in predicted])
-    rows, cols = linear_sum_assignment(matrix, maximize=True)
-    for r, c in zip(rows, cols, strict=True):
-        ious[c] = float(matrix[r, c])
-    return ious
-
-
 def _prefix_classes(prefix: str | None) -> list[str]:
     if not prefix or not prefix.startswith(DETECT_PREFIX + " "):
         return []
     return [c.strip() for c in prefix[len(DETECT_PREFIX) + 1 :].split(";") if c.strip()]
 
 
-def detection_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        return dict.fromkeys(("miou", "acc@0.5", "precision@0.5", "recall@0.5", "invalid_rate"), 0.0)
-    iou_sum = 0.0
-    n_truth = n_predicted = n_hits = n_segments = n_malformed = 0
-    for text, refs in zip(predictions, references, strict=True):
-        if len(refs) != 1:
-            raise ValueError(f"a detection reference is one JSON string, got {len(refs)}")
-        ref = json.loads(refs[0])
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def detection_reference(record: dict) -> dict:
+    """`{"boxes", "labels", "width", "height", "classes"}` from a detection record, checked.
+
+    Raises KeyError naming a missing key, ValueError naming a bad value (a box that is not four
+    numbers x1 <= x2, y1 <= y2; boxes and labels of different lengths; a size that is not > 0).
+    `classes` are the classes named in the prompt (absent negatives included) plus the labels.
+    """
+    name = record.get("id", "?")
+    missing = [k for k in ("boxes", "labels", "width", "height") if k not in record]
+    if missing:
+        raise KeyError(f"detection record {name!r} lacks {missing}")
+    boxes, labels = record["boxes"], record["labels"]
+    if not isinstance(boxes, list) or not isinstance(labels, list):
+        raise ValueError(f"detection record {name!r}: 'boxes' and 'labels' must be lists")
+    if len(boxes) != len(labels):
+        raise ValueError(f"detection record {name!r}: {len(boxes)} boxes but {len(labels)} labels")
+    for box in boxes:
+        ok = isinstance(box, list | tuple) and len(box) == 4 and all(_is_number(v) for v in box)
+        if not ok or box[2] < box[0] or box[3] < box[1]:
+            raise ValueError(
+                f"detection record {name!r}: box {box!r} is not pixel [x1, y1, x2, y2] with x1 <= x2, y1 <= y2"
+            )
+    if not all(isinstance(label, str) and label.strip() for label in labels):
+        raise ValueError(f"detection record {name!r}: 'labels' must be non-empty strings, got {labels!r}")
+    for key in ("width", "height"):
+        if not _is_number(record[key]) or record[key] <= 0:
+            raise ValueError(f"detection record {name!r}: '{key}' must be a positive number, got {record[key]!r}")
+    return {
+        "boxes": [[float(v) for v in box] for box in boxes],
+        "labels": list(labels),
+        "width": record["width"],
+        "height": record["height"],
+        # Classes named in the prompt (absent negatives included) are valid answers, just wrong ones.
+        "classes": list(dict.fromkeys(_prefix_classes(record.get("prefix")) + list(labels))),
+    }
+
+
+@dataclass
+class ImageDetections:
+    """One image's parsed output and its matching: for reports and drawings."""
+
+    parsed: ParseResult
+    truth_ious: list[float]  # IoU of each ground-truth box with its match, 0 when unmatched
+
+
+@dataclass
+class DetectionEvaluation:
+    metrics: dict[str, float]
+    images: list[ImageDetections]
+
+
+def evaluate_detections(
+    texts: Sequence[str], references: Sequence[dict], *, with_map: bool = False, score_by_order: bool = True
+) -> DetectionEvaluation:
+    """Parse each output against its `detection_reference` dict, match per image and label, pool the metrics.
+
+    Keys: miou, acc@0.5, acc@0.75, precision@0.5, recall@0.5, invalid_rate, and with `with_map`
+    map, map50, map75 (pycocotools). Generated boxes carry no confidence: for mAP the k-th box of
+    an output (k = 0, 1, ...) gets score 1 / (k + 1) when `score_by_order`, else 1.0 for all.
+    """
+    if len(texts) != len(references):
+        raise ValueError(f"{len(texts)} predictions for {len(references)} references")
+    keys = ("miou", "acc@0.5", "acc@0.75", "precision@0.5", "recall@0.5", "invalid_rate")
+    if not texts:
+        zeros = dict.fromkeys(keys + (("map", "map50", "map75") if with_map else ()), 0.0)
+        return DetectionEvaluation(zeros, [])
+    all_ious: list[float] = []
+    n_predicted = n_segments = n_malformed = 0
+    n_hits = 0
+    images: list[ImageDetections] = []
+    map_inputs: list[ImageBoxes] = []
+    for text, ref in zip(texts, references, strict=True):
         labels = ref["labels"]
-        parsed = parse_detections(
-            text, ref["width"], ref["height"], allowed_labels=ref.get("classes", labels)
-        )
+        parsed = parse_detections(text, ref["width"], ref["height"], allowed_labels=ref.get("classes", labels))
         n_segments += parsed.segments
         n_malformed += parsed.malformed
         n_predicted += len(parsed.detections)
-        n_truth += len(labels)
+        truth_ious = [0.0] * len(labels)
         for label in set(labels):
-            truth = [box for box, lab in zip(ref["boxes"], labels, strict=True) if lab == label]
+            where = [k for k, lab in enumerate(labels) if lab == label]
             predicted = [d.box for d in parsed.detections if d.label == label]
-            ious = match_boxes(predicted, truth)
-            iou_sum += sum(ious)
-            n_hits += sum(iou >= IOU_THRESHOLD for iou in ious)
+            for k, iou in zip(where, match_boxes(predicted, [ref["boxes"][k] for k in where]), strict=True):
+                truth_ious[k] = iou
+        all_ious += truth_ious
+        n_hits += sum(iou >= IOU_THRESHOLD for iou in truth_ious)
+        images.append(ImageDetections(parsed, truth_ious))
+        if with_map:
+            dets = parsed.detections
+            map_inputs.append(
+                ImageBoxes(
+                    truth_boxes=ref["boxes"], truth_labels=labels,
+                    predicted_boxes=[d.box for d in dets], predicted_labels=[d.label for d in dets],
+                    scores=[1 / (k + 1) if score_by_order else 1.0 for k in range(len(dets))],
+                )
+            )  # fmt: skip
+    n_truth = len(all_ious)
     # Nothing to find and nothing predicted is a perfect answer, not a division by zero.
-    recall = n_hits / n_truth if n_truth else float(n_predicted == 0)
-    return {
-        "miou": iou_sum / n_truth if n_truth else float(n_predicted == 0),
+    nothing = float(n_predicted == 0)
+    recall = n_hits / n_truth if n_truth else nothing
+    metrics = {
+        "miou": sum(all_ious) / n_truth if n_truth else nothing,
         "acc@0.5": recall,
+        "acc@0.75": accuracy_at(all_ious, 0.75) if n_truth else nothing,
         "precision@0.5": n_hits / n_predicted if n_predicted else float(n_truth == 0),
         "recall@0.5": recall,
         "invalid_rate": n_malformed / n_segments if n_segments else 0.0,
     }
+    if with_map:
+        metrics.update(coco_map(map_inputs))
+    return DetectionEvaluation(metrics, images)
+
+
+def detection_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """The task's metric: references are the one-JSON-string lists that `DETECT.references` makes."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    refs = []
+    for ref in references:
+        if len(ref) != 1:
+            raise ValueError(f"a detection reference is one JSON string, got {len(ref)}")
+        refs.append(json.loads(ref[0]))
+    return evaluate_detections(predictions, refs).metrics
 
 
 @dataclass(frozen=True)
@@ -157,20 +234,7 @@ class DetectTask(Task):
     """Detection needs the image size to parse, so references carry it as one JSON string."""
 
     def references(self, record: dict) -> list[str]:
-        missing = [k for k in ("boxes", "labels", "width", "height") if k not in record]
-        if missing:
-            raise KeyError(f"detection record {record.get('id', '?')!r} lacks {missing}")
-        labels = list(record["labels"])
-        # Classes named in the prompt (absent negatives included) are valid answers, just wrong ones.
-        classes = list(dict.fromkeys(_prefix_classes(record.get("prefix")) + labels))
-        ref = {
-            "boxes": [list(map(float, box)) for box in record["boxes"]],
-            "labels": labels,
-            "width": record["width"],
-            "height": record["height"],
-            "classes": classes,
-        }
-        return [json.dumps(ref)]
+        return [json.dumps(detection_reference(record))]
 
 
 DETECT = DetectTask(

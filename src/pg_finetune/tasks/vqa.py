@@ -2,7 +2,8 @@
 
 Scoring here is exact match after light normalisation (lower case, strip,
 trailing period dropped), which is the easy-vqa metric; the official VQAv2
-accuracy (min(#humans/3, 1) over leave-one-out subsets) lives with the eval suite.
+accuracy (min(#humans/3, 1) over leave-one-out subsets) is `pg_finetune.metrics.vqa`,
+used by the eval suite's `vqav2` benchmark.
 """
 
 from __future__ import annotations
