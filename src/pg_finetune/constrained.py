@@ -35,7 +35,7 @@ import torch
 from transformers import LogitsProcessor
 
 from pg_finetune.loc import NUM_BINS, OBJECT_SEPARATOR, loc_token
-from pg_finetune.tasks.detect import _prefix_classes
+from pg_finetune.tasks.detect import prefix_classes
 
 BOX_TOKENS = 4  # y1, x1, y2, x2
 
@@ -48,7 +48,7 @@ DONE_STATE: State = (DONE, 0, 0, 0)
 
 def detect_labels(prefix: str | None) -> list[str]:
     """Labels a `detect a ; b` prompt names (whitespace collapsed, duplicates dropped); [] otherwise."""
-    return list(dict.fromkeys(" ".join(c.split()) for c in _prefix_classes(prefix)))
+    return list(dict.fromkeys(" ".join(c.split()) for c in prefix_classes(prefix)))
 
 
 @dataclass

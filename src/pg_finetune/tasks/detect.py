@@ -95,7 +95,7 @@ def make_prefix(
 # ---- scoring --------------------------------------------------------------------------------------
 
 
-def _prefix_classes(prefix: str | None) -> list[str]:
+def prefix_classes(prefix: str | None) -> list[str]:
     if not prefix or not prefix.startswith(DETECT_PREFIX + " "):
         return []
     return [c.strip() for c in prefix[len(DETECT_PREFIX) + 1 :].split(";") if c.strip()]
@@ -138,7 +138,7 @@ def detection_reference(record: dict) -> dict:
         "width": record["width"],
         "height": record["height"],
         # Classes named in the prompt (absent negatives included) are valid answers, just wrong ones.
-        "classes": list(dict.fromkeys(_prefix_classes(record.get("prefix")) + list(labels))),
+        "classes": list(dict.fromkeys(prefix_classes(record.get("prefix")) + list(labels))),
     }
 
 
