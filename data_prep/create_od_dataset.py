@@ -61,7 +61,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from pg_finetune.loc import detect_prefix, format_detections
+from pg_finetune.loc import detect_prefix, format_detections, label_problem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Every counter the summary reports, so a zero is visible rather than absent.
@@ -467,6 +467,27 @@ def convert(entries: list[ImageEntry], out_dir: Path, split: str, options: Optio
     return summary
 
 
+def check_labels(entries: list[ImageEntry], options: Options) -> list[str]:
+    """One message per class name (after --class-map, among --classes-keep) that cannot be a label."""
+    bad: dict[str, list[Any]] = {}
+    for entry in entries:
+        for obj in entry.objects:
+            label = options.class_map.get(obj.label, obj.label)
+            if options.classes_keep is not None and label not in options.classes_keep:
+                continue
+            if label_problem(label):
+                bad.setdefault(label, []).append(entry.id)
+    messages = []
+    for label, ids in bad.items():
+        safe = " ".join(label.replace(";", " ").replace("<loc", "loc ").split()) or "object"
+        messages.append(
+            f"class name {label!r} ({len(ids)} objects, first in image id {ids[0]!r}) cannot be a PaliGemma "
+            f"label: {label_problem(label)}. Rename it with --class-map '{label}={safe}' "
+            "or leave it out with --classes-keep"
+        )
+    return messages
+
+
 def format_summary(summary: dict) -> str:
     lines = [
         f"{summary['split']}: {summary['images_written']}/{summary['images_read']} images written, "
@@ -582,6 +603,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         entries = read_entries(args)
     except (InputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    bad_labels = check_labels(entries, options)
+    if bad_labels:  # checked before anything is written: no half-converted output
+        print("error: " + "\nerror: ".join(bad_labels), file=sys.stderr)
         return 2
     for split, split_entries_ in split_entries(entries, args.split, args.val_fraction, args.seed).items():
         summary = convert(split_entries_, args.out, split, options)

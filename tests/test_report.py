@@ -12,12 +12,12 @@ from PIL import Image
 
 from pg_finetune.loc import format_detections
 from pg_finetune.recipe import load_recipe, recipe_from_dict, save_recipe
+from pg_finetune.recipe_data import load_eval_records
 from pg_finetune.report import (
     PREDICTION_COLOR,
     TRUTH_COLOR,
     caption_cider_each,
     confusion_matrix,
-    load_eval_records,
     main,
     read_log_history,
     training_series,
@@ -446,6 +446,25 @@ def tiny_run(tmp_path_factory) -> Path:
     )
     assert code == 0
     return out
+
+
+def test_training_ends_with_a_report_and_prints_its_path(tiny_run, capsys):
+    # the fixture's training wrote them (logging.html_report defaults to true), before any CLI call
+    assert (tiny_run / "report.html").is_file() and (tiny_run / "curves.png").is_file()
+    assert "before" in (tiny_run / "report.html").read_text()
+
+
+def test_html_report_false_writes_none(tmp_path):
+    out = tmp_path / "run"
+    code = train_main(
+        [
+            "--recipe", str(ROOT / "recipes/tiny/easyvqa_lora.yaml"), f"training.output_dir={out}",
+            "data.train_split=train[:8]", "data.eval_split=test[:2]", "eval.max_samples=2",
+            "training.max_steps=1", "logging.html_report=false",
+        ]
+    )
+    assert code == 0 and (out / "metrics.json").is_file()
+    assert not (out / "report.html").exists() and not (out / "curves.png").exists()
 
 
 def test_real_run_report_via_the_cli(tiny_run, capsys):

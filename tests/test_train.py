@@ -51,6 +51,8 @@ def test_lora_run_writes_adapter_processor_recipe_and_metrics(tmp_path):
     assert (run / "checkpoint-2" / "recipe.yaml").is_file()  # beside every checkpoint
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 3
+    history = json.loads((run / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
     assert set(metrics["before"]) == set(metrics["after"])
     assert "exact_match" in metrics["after"]
     rows = [json.loads(line) for line in (run / "predictions_after.jsonl").read_text().splitlines()]
@@ -192,7 +194,8 @@ def test_a_single_jsonl_file_is_not_evaluated_on_itself(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["after"] is None
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+def _poison_forward(monkeypatch, bad_call: int):
+    """Make the `bad_call`-th training forward return a NaN loss (the model itself stays finite)."""
     original = PaliGemmaForConditionalGeneration.forward
     calls = {"n": 0}
 
@@ -200,19 +203,79 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         out = original(self, *args, **kwargs)
         if self.training and out.loss is not None:
             calls["n"] += 1
-            if calls["n"] >= 3:  # the third training step goes bad
+            if calls["n"] >= bad_call:
                 out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(PaliGemmaForConditionalGeneration, "forward", forward)
+
+
+def _all_finite(checkpoint: Path) -> bool:
+    from safetensors.torch import load_file
+
+    return all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+
+
+@pytest.mark.parametrize("logging_steps", [1, 10])
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tmp_path, capsys, monkeypatch, logging_steps
+):
+    # logging_steps=10: the NaN at step 3 is never logged, yet it is caught before its optimizer step
+    _poison_forward(monkeypatch, bad_call=3)
     code = _run(tmp_path, "tuning.method=full", "training.save_steps=1", "training.max_steps=5",
-                "eval.before_and_after=false")
+                "eval.before_and_after=false", f"training.logging_steps={logging_steps}")
     err = capsys.readouterr().err
     assert code == 3
     assert "NaN" in err and "step 3" in err and "checkpoint-2" in err
     run = tmp_path / "run"
-    assert (run / "checkpoint-2").is_dir()
+    assert (run / "checkpoint-2").is_dir() and _all_finite(run / "checkpoint-2")
     assert not (run / "checkpoint-3").exists() and not (run / "final").exists()
+    assert not list(run.glob("tmp-*"))
+    assert json.loads((run / "log_history.json").read_text()) is not None  # written for the run report
+
+
+def test_learning_rate_blow_up_exits_3_before_saving_nan_weights(tmp_path, capsys):
+    # lr 1.0 with SGD and no clipping: the loss overflows within a few steps (no injection at all)
+    code = _run(tmp_path, "tuning.method=full", "training.optim=sgd", "training.learning_rate=1.0",
+                "training.max_grad_norm=0", "training.save_steps=4", "training.max_steps=30",
+                "eval.before_and_after=false", "training.logging_steps=100", "training.save_total_limit=null")
+    err = capsys.readouterr().err
+    assert code == 3, err[-1000:]
+    assert "NaN/inf at step" in err and "Last good checkpoint" in err
+    run = tmp_path / "run"
+    checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    bad_step = int(err.split("NaN/inf at step ")[1].split(";")[0])
+    assert all(int(p.name.split("-")[1]) < bad_step for p in checkpoints)
+    assert all(_all_finite(p) for p in checkpoints)
+    if checkpoints:
+        assert str(checkpoints[-1]) in err
+
+
+def test_nan_weight_is_never_saved(tmp_path, capsys, monkeypatch):
+    from transformers import TrainerCallback
+
+    import pg_finetune.train as train_module
+
+    class PoisonWeight(TrainerCallback):  # a finite loss can still leave inf weights (e.g. inf gradients)
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+    original = train_module.PaliGemmaTrainer.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs["callbacks"] = [*kwargs["callbacks"], PoisonWeight()]
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.PaliGemmaTrainer, "__init__", init)
+    code = _run(tmp_path, "tuning.method=full", "training.save_steps=1", "training.max_steps=4",
+                "eval.before_and_after=false")
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "trainable weight" in err and "step 2" in err and "checkpoint-1" in err
+    assert not (tmp_path / "run" / "checkpoint-2").exists()
+    assert _all_finite(tmp_path / "run" / "checkpoint-1")
 
 
 def _front_matter(readme: Path) -> dict:

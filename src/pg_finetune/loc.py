@@ -86,13 +86,26 @@ def _clean_label(label: str) -> str:
     return " ".join(label.split())
 
 
+def label_problem(label: str) -> str | None:
+    """Why `label` cannot be a detection label (None if it can): it must survive ` ; `-joining and parsing."""
+    cleaned = _clean_label(label)
+    if not cleaned:
+        return "it is empty"
+    if ";" in cleaned:
+        return "it contains ';', which separates objects in PaliGemma's detection format"
+    if "<loc" in cleaned:
+        return "it contains '<loc', which starts a location token"
+    return None
+
+
 def format_detections(objects: Sequence[tuple[Sequence[float], str]], width: float, height: float) -> str:
     """[(pixel xyxy, label), ...] -> `<loc..>x4 label ; <loc..>x4 label` (empty string for no objects)."""
     parts = []
     for box, label in objects:
+        problem = label_problem(label)
+        if problem:
+            raise ValueError(f"label {label!r} cannot be used: {problem}")
         label = _clean_label(label)
-        if not label or ";" in label or "<loc" in label:
-            raise ValueError(f"label {label!r} must be non-empty and contain neither ';' nor '<loc'")
         parts.append(f"{encode_box(box, width, height)} {label}")
     return OBJECT_SEPARATOR.join(parts)
 

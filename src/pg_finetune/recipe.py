@@ -216,6 +216,9 @@ class LoggingConfig:
         "offline", "wandb mode; offline needs no login."
     )
     log_level: Literal["debug", "info", "warning", "error"] = _field("info", "Python log level.")
+    html_report: bool = _field(
+        True, "At the end, write curves.png and report.html (before/after examples) into the output dir."
+    )
 
 
 @dataclass
@@ -590,21 +593,30 @@ def _field_type(dotted: str) -> Any:
     return typing.get_type_hints(cls).get(key) if cls else None
 
 
+def _redact_override(dotted: str, raw: str) -> str:
+    """`key=value` for messages, with the value replaced when it looks like a Hugging Face token."""
+    value = raw.strip()
+    if _TOKEN_VALUE.match(value) or ("token" in dotted.lower() and value.startswith("hf_")):
+        return f"{dotted}=<redacted>"
+    return f"{dotted}={raw}"
+
+
 def _apply_override(data: dict, override: str) -> str | None:
     """Apply one `section.key=value` override to `data` in place; return a problem message or None."""
     dotted, sep, raw = override.partition("=")
     dotted = dotted.strip()
+    shown = _redact_override(dotted, raw) if sep else override  # error messages never echo a token
     if not sep or not dotted:
-        return f"override {override!r}: expected 'section.key=value', e.g. 'training.learning_rate=1e-4'"
+        return f"override {shown!r}: expected 'section.key=value', e.g. 'training.learning_rate=1e-4'"
     parts = dotted.split(".")
     if len(parts) > 2:
-        return f"override {override!r}: key {dotted!r} is too deep; use 'section.key=value'"
+        return f"override {shown!r}: key {dotted!r} is too deep; use 'section.key=value'"
     if len(parts) == 1 and parts[0] in SECTIONS:
-        return f"override {override!r}: {dotted!r} is a section; set one key, e.g. '{dotted}.<key>=value'"
+        return f"override {shown!r}: {dotted!r} is a section; set one key, e.g. '{dotted}.<key>=value'"
     if len(parts) == 2 and parts[0] not in SECTIONS:
         close = difflib.get_close_matches(parts[0], list(SECTIONS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"override {override!r}: unknown section {parts[0]!r}{hint} (valid sections: {', '.join(SECTIONS)})"
+        return f"override {shown!r}: unknown section {parts[0]!r}{hint} (valid sections: {', '.join(SECTIONS)})"
     tp = _field_type(dotted)
     if tp is None:
         if len(parts) == 2:
@@ -612,11 +624,12 @@ def _apply_override(data: dict, override: str) -> str | None:
             msg = _unknown_key_message(parts[1], dotted, valid, parts[0])
         else:
             msg = _unknown_key_message(dotted, dotted, [*TOP_LEVEL_FIELDS, *SECTIONS], None)
-        return f"override {override!r}: {msg}"
+        return f"override {shown!r}: {msg}"
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        return f"override {override!r}: value is not valid YAML ({str(err).splitlines()[0]}); quote it"
+        detail = "" if shown != override else f" ({str(err).splitlines()[0]})"
+        return f"override {shown!r}: value is not valid YAML{detail}; quote it"
     # On the command line nobody quotes strings: `model.revision=0123` or `logging.wandb_mode=off`
     # should stay text for a text field instead of becoming 83 or false.
     _, inner = _is_optional(tp)
@@ -673,6 +686,7 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 _TOKEN_VALUE = re.compile(r"^hf_[A-Za-z0-9]{20,}$")
+_TOKEN_ANYWHERE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 
 
 def _redact_secrets(obj: Any) -> Any:
@@ -680,14 +694,21 @@ def _redact_secrets(obj: Any) -> Any:
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():
-            looks_secret = isinstance(value, str) and (
-                ("token" in str(key).lower() and value.startswith("hf_")) or _TOKEN_VALUE.match(value)
-            )
+            looks_secret = isinstance(value, str) and "token" in str(key).lower() and value.startswith("hf_")
             out[key] = "<redacted>" if looks_secret else _redact_secrets(value)
         return out
     if isinstance(obj, list):
         return [_redact_secrets(v) for v in obj]
+    if isinstance(obj, str):  # also inside free text ("description: uses hf_...")
+        return _TOKEN_ANYWHERE.sub("<redacted>", obj)
     return obj
+
+
+def redact_recipe(recipe: Recipe) -> Recipe:
+    """A copy of `recipe` with token-looking values replaced, for anything written or shown (model cards)."""
+    data = _redact_secrets(recipe_to_dict(recipe))
+    sections = {name: cls(**data.pop(name)) for name, cls in SECTIONS.items()}
+    return Recipe(**data, **sections)
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:
@@ -722,6 +743,7 @@ __all__ = [
     "TuningConfig",
     "load_recipe",
     "recipe_from_dict",
+    "redact_recipe",
     "recipe_to_dict",
     "save_recipe",
     "validate_recipe",

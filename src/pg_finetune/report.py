@@ -16,7 +16,7 @@ Reads what a training run leaves in its output dir (`recipe.yaml`, `metrics.json
   true (green) and predicted (magenta) boxes drawn; counting gets confusion matrices.
 
 Prediction rows carry no image, so the eval records are loaded again from the saved recipe the
-way train.py loads them (`load_eval_records`) and matched to the rows by id, prompt and references;
+way train.py loads them (`pg_finetune.recipe_data.load_eval_records`) and matched to the rows by id, prompt and references;
 a row that matches no record is shown without an image, and the page says so.
 """
 
@@ -38,8 +38,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from pg_finetune.data import RecordDataset, load_records
+from pg_finetune.data import RecordDataset
 from pg_finetune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
+from pg_finetune.recipe_data import eval_dataset, smallest
 from pg_finetune.tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -57,43 +58,6 @@ LOWER_IS_BETTER = {"invalid_rate"}  # every other task metric: higher is better
 # ----------------------------------------------------------------------------------------------------
 # Eval records: the same records train.py scores before and after training
 # ----------------------------------------------------------------------------------------------------
-def _smallest(*limits: int | None) -> int | None:
-    given = [n for n in limits if n is not None]
-    return min(given) if given else None
-
-
-def eval_dataset(recipe: Recipe) -> RecordDataset | None:
-    """The held-out split train.py evaluates on (images not decoded yet), or None when it has none."""
-    d = recipe.data
-    eval_split = d.eval_split
-    if eval_split and d.eval is None and Path(d.train).is_file():
-        # one JSONL file has no splits: its "test" would be the training data again
-        logger.warning("data.train is a single file and data.eval is not set: no held-out evaluation")
-        eval_split = None
-    if not eval_split:
-        return None
-    task = get_task(recipe.task.name)
-    return load_records(
-        d.eval or d.train,
-        eval_split,
-        image_column=d.image_column,
-        prefix_column=d.prefix_column,
-        suffix_column=d.suffix_column,
-        default_prefix=recipe.task.prefix or task.default_prefix,
-        skip_bad_records=d.skip_bad_records,
-        require_suffix=False,
-        limit=_smallest(recipe.eval.max_samples, d.max_eval_samples),
-    )
-
-
-def load_eval_records(recipe: Recipe) -> list[dict]:
-    """The eval records train.py scores (images decoded; bad ones dropped when data.skip_bad_records)."""
-    dataset = eval_dataset(recipe)
-    if dataset is None:
-        return []
-    return [r for r in (dataset[i] for i in range(len(dataset))) if r is not None]
-
-
 # ----------------------------------------------------------------------------------------------------
 # What the run left on disk
 # ----------------------------------------------------------------------------------------------------
@@ -498,7 +462,7 @@ def _summary(run: Run) -> str:
         (
             "eval data",
             f"{d.eval or d.train} split {d.eval_split}, at most "
-            f"{_smallest(r.eval.max_samples, d.max_eval_samples) or 'all'} records"
+            f"{smallest(r.eval.max_samples, d.max_eval_samples) or 'all'} records"
             if d.eval_split
             else "none",
         ),

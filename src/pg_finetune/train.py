@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -24,16 +24,23 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from pg_finetune.augment import DetectionAugment, EpochCallback, collect_classes
 from pg_finetune.collator import PaliGemmaCollator
-from pg_finetune.data import BadRecordError, load_records
+from pg_finetune.data import BadRecordError
 from pg_finetune.generate import GenerationSettings, evaluate_task
 from pg_finetune.model import ModelLoadError, load_model, load_processor
 from pg_finetune.model_card import write_model_card
-from pg_finetune.recipe import Recipe, RecipeError, load_recipe, save_recipe
+from pg_finetune.recipe import Recipe, RecipeError, load_recipe, redact_recipe, save_recipe
+from pg_finetune.recipe_data import load_eval_records, train_dataset
+from pg_finetune.report import write_report
 from pg_finetune.tasks import get_task
+from pg_finetune.trainer import (
+    NonFiniteLossError,
+    PaliGemmaTrainer,
+    last_complete_checkpoint,
+    remove_partial_checkpoints,
+)
 from pg_finetune.tuning import apply_tuning, describe_parameters, merge_adapter_into_base, merge_lora
 
 logger = logging.getLogger("pg_finetune.train")
@@ -41,36 +48,45 @@ logger = logging.getLogger("pg_finetune.train")
 DEFAULT_RECIPE = "recipes/tiny/easyvqa_full.yaml"
 
 
-class NaNLossError(RuntimeError):
-    pass
-
-
 # ----------------------------------------------------------------------------------------------------
-# Callbacks: the resolved recipe beside every checkpoint, a NaN guard, generation metrics during training
+# Callbacks: generation metrics during training; test-only hooks for the resume tests
+# (checkpoints, the recipe beside each one, and the NaN guard live in pg_finetune.trainer)
 # ----------------------------------------------------------------------------------------------------
-class SaveRecipeCallback(TrainerCallback):
-    def __init__(self, recipe: Recipe):
-        self.recipe = recipe
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if checkpoint.is_dir():
-                save_recipe(self.recipe, checkpoint)
+KILL_AT_STEP_ENV = "PG_FINETUNE_KILL_AT_STEP"  # tests: SIGKILL this process at the end of step N
+TRACE_BATCHES_ENV = "PG_FINETUNE_TRACE_BATCHES"  # tests: append each collated batch's records to a file
 
 
-class NaNGuardCallback(TrainerCallback):
-    """Stop at the first non-finite training loss; the last saved checkpoint stays the good one."""
+class KillAtStepCallback(TrainerCallback):
+    """Test hook: the process really dies by SIGKILL after optimizer step `step` (before any save)."""
 
-    def __init__(self):
-        self.bad_step: int | None = None
+    def __init__(self, step: int):
+        self.step = step
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            self.bad_step = state.global_step
-            control.should_training_stop = True
-            control.should_save = False
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TracingCollator:
+    """Test hook: collate, then append `{"ids", "texts"}` of the batch to a JSONL file (flushed per batch).
+
+    The Trainer's dataloader collates one batch ahead of the step that consumes it, so a trace
+    holds every consumed batch in order plus at most one prefetched batch at its end.
+    """
+
+    def __init__(self, collator: PaliGemmaCollator, path: str):
+        self.collator, self.path = collator, path
+
+    def __getattr__(self, name: str):
+        return getattr(self.collator, name)
+
+    def __call__(self, records: list[dict | None]) -> dict:
+        batch = self.collator(records)
+        kept = [r for r in records if r is not None]
+        line = {"ids": [r.get("id") for r in kept], "texts": [f"{r['prefix']}\n{r['suffix']}" for r in kept]}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        return batch
 
 
 class GenerationEvalCallback(TrainerCallback):
@@ -112,11 +128,6 @@ class RunEval:
                     for row in rows:
                         f.write(json.dumps(row) + "\n")
         return scores
-
-
-def _smallest(*limits: int | None) -> int | None:
-    given = [n for n in limits if n is not None]
-    return min(given) if given else None
 
 
 def _fmt(scores: dict[str, float]) -> str:
@@ -162,7 +173,7 @@ def training_arguments(recipe: Recipe, output_dir: Path) -> TrainingArguments:
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
-        logging_nan_inf_filter=False,  # let NaNGuardCallback see a NaN instead of a smoothed-over loss
+        logging_nan_inf_filter=False,  # never smooth a NaN over; PaliGemmaTrainer stops at the first one
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -211,27 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------------------------ data + collator
     task = get_task(recipe.task.name)
     d = recipe.data
-    common = dict(
-        image_column=d.image_column,
-        prefix_column=d.prefix_column,
-        suffix_column=d.suffix_column,
-        default_prefix=recipe.task.prefix or task.default_prefix,
-        skip_bad_records=d.skip_bad_records,
-    )
     try:
-        train_data = load_records(d.train, d.train_split, limit=d.max_train_samples, require_suffix=True, **common)
-        eval_records: list[dict] = []
-        eval_split = d.eval_split
-        if eval_split and d.eval is None and Path(d.train).is_file():
-            # one JSONL file has no splits: its "test" would be the training data again
-            logger.warning("data.train is a single file and data.eval is not set: no held-out evaluation")
-            eval_split = None
-        if eval_split:
-            eval_data = load_records(
-                d.eval or d.train, eval_split, limit=_smallest(recipe.eval.max_samples, d.max_eval_samples),
-                require_suffix=False, **common,
-            )
-            eval_records = [r for r in (eval_data[i] for i in range(len(eval_data))) if r is not None]
+        train_data = train_dataset(recipe)
+        eval_records = load_eval_records(recipe)
     except (BadRecordError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -253,42 +246,57 @@ def main(argv: list[str] | None = None) -> int:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, output_dir)
-    nan_guard = NaNGuardCallback()
-    callbacks: list[TrainerCallback] = [SaveRecipeCallback(recipe), nan_guard]
+        remove_partial_checkpoints(output_dir)  # a save cut short by a crash; never resumed from
+    callbacks: list[TrainerCallback] = []
     gen_eval = None
     if recipe.eval.eval_steps and eval_records:
         gen_eval = GenerationEvalCallback(run_eval, recipe.eval.eval_steps)
         callbacks.append(gen_eval)
     if augment is not None:
         callbacks.append(EpochCallback(augment))
-    trainer = Trainer(
+    if os.environ.get(KILL_AT_STEP_ENV):
+        callbacks.append(KillAtStepCallback(int(os.environ[KILL_AT_STEP_ENV])))
+    train_collator = collator
+    if os.environ.get(TRACE_BATCHES_ENV):
+        train_collator = TracingCollator(collator, os.environ[TRACE_BATCHES_ENV])
+    trainer = PaliGemmaTrainer(
         model=model,
         args=training_arguments(recipe, output_dir),
         train_dataset=train_data,
-        data_collator=collator,
+        data_collator=train_collator,
         processing_class=processor,
         callbacks=callbacks,
+        recipe=recipe,  # written into every checkpoint, inside the atomic rename
     )
     if gen_eval:
         gen_eval.trainer = trainer
     resume = recipe.training.resume_from_checkpoint
     if resume == "auto":
-        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        resume = last_complete_checkpoint(output_dir)  # never a tmp-* dir left by an interrupted save
         logger.info("resuming from %s", resume or "scratch (no checkpoint found)")
+    elif resume is not None and not (Path(resume) / "trainer_state.json").is_file():
+        print(
+            f"error: training.resume_from_checkpoint: {resume} is not a complete checkpoint (no "
+            "trainer_state.json); give a checkpoint-N directory, 'auto', or null",
+            file=sys.stderr,
+        )
+        return 2
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except BadRecordError as err:  # an image that only fails when decoded, mid-epoch
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if nan_guard.bad_step is not None:
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    except NonFiniteLossError as err:
+        _write_log_history(trainer, output_dir, is_main)
+        last = last_complete_checkpoint(output_dir)
         print(
-            f"error: the training loss became NaN/inf at step {nan_guard.bad_step}; training stopped. "
-            f"Last good checkpoint: {last or 'none saved yet'}. Lower training.learning_rate, check the data, "
-            "or use bf16 instead of fp16.",
+            f"error: {err.what} became NaN/inf at step {err.step}; training stopped before that step's "
+            f"optimizer update. Last good checkpoint: {last or 'none saved yet'}. Lower "
+            "training.learning_rate, check the data, or use bf16 instead of fp16.",
             file=sys.stderr,
         )
         return 3
+    _write_log_history(trainer, output_dir, is_main)
     if collator.stats.truncated_prefix or collator.stats.truncated_suffix:
         logger.warning("truncation: %s", collator.stats.summary())
 
@@ -296,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))  # on every rank: FSDP / ZeRO-3 gather the weights collectively
     if is_main:
+        # Trainer.save_model also pickles TrainingArguments (torch.save); nothing reads it, and a pickle in
+        # the directory people share and load is a hazard for them: the final model is safetensors + JSON only.
+        (final_dir / "training_args.bin").unlink(missing_ok=True)
         processor.save_pretrained(final_dir)
         save_recipe(recipe, final_dir)
         if recipe.training.merge_lora:
@@ -321,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             after=after,
         )
         is_adapter = recipe.tuning.method in ("lora", "qlora")
-        write_model_card(final_dir, recipe, is_adapter=is_adapter, **card)
+        write_model_card(final_dir, redact_recipe(recipe), is_adapter=is_adapter, **card)
         if recipe.training.merge_lora:
-            write_model_card(output_dir / "merged", recipe, is_adapter=False, **card)
+            write_model_card(output_dir / "merged", redact_recipe(recipe), is_adapter=False, **card)
     summary = {
         "recipe": recipe.name,
         "train_loss": result.training_loss,
@@ -338,7 +349,20 @@ def main(argv: list[str] | None = None) -> int:
     if is_main:
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(_summary_table(task.name, before, after, summary))
+        if recipe.logging.html_report:
+            try:
+                print(f"report: {write_report(output_dir)}")
+            except Exception as err:  # a finished training must not fail on its report
+                logger.warning("report not written (python -m pg_finetune.report %s retries): %s", output_dir, err)
     return 0
+
+
+def _write_log_history(trainer: Trainer, output_dir: Path, is_main: bool) -> None:
+    """`output_dir/log_history.json`: every logged entry (loss, lr, grad_norm, eval/...) of the run."""
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(trainer.state.log_history, indent=1, default=float, allow_nan=True)
+        (output_dir / "log_history.json").write_text(text + "\n")
 
 
 def _summary_table(task: str, before: dict | None, after: dict | None, summary: dict) -> str:

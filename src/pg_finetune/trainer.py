@@ -1,0 +1,209 @@
+"""A thin `transformers.Trainer` subclass: atomic checkpoints and a NaN check on every step.
+
+    trainer = PaliGemmaTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                               recipe=recipe)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir))
+
+Everything PaliGemma-specific lives in the collator; this class only changes two things
+the stock Trainer (transformers 5.23) does not guarantee:
+
+1. **A checkpoint directory appears only when it is complete.** `Trainer._save_checkpoint`
+   writes `checkpoint-N/` in place (weights, optimizer, scheduler, RNG state, trainer state,
+   one file after another), so a crash or SIGKILL during a save leaves a partial
+   `checkpoint-N` that `get_last_checkpoint` would pick and `resume_from_checkpoint` would then
+   fail on (or worse, half-load). Here every file, the resolved `recipe.yaml` included, is
+   written under `tmp-checkpoint-N/checkpoint-N` and then renamed to `checkpoint-N` (one
+   `os.replace` of a directory: atomic on POSIX filesystems). `tmp-*` never matches
+   transformers' `^checkpoint-\\d+$`, so no resume can pick a partial save; stale ones are removed
+   at the next save. `save_total_limit` rotation runs after the rename, over complete
+   checkpoints only. Not covered: power loss before the OS flushes the files (no fsync), and
+   `load_best_model_at_end` (this project does not use it).
+2. **A non-finite loss stops training before the optimizer step that would poison the weights.**
+   The loss of every micro-batch is checked in `training_step` (the stock logging path sees it
+   only every `logging_steps`, after NaN weights may already have been saved), and before each
+   save every trainable parameter is checked too (a finite loss can still give inf gradients).
+   Both raise `NonFiniteLossError`, which `pg_finetune.train` turns into exit code 3.
+3. **Resuming a full fine-tune loads the checkpoint's weights.** transformers 5 saves PaliGemma in
+   its original key layout (`language_model.model.*`, via `revert_weight_conversion`), but
+   `Trainer._load_from_checkpoint` loads `model.safetensors` with a raw non-strict
+   `load_state_dict`: no key matches, transformers only warns, and training "resumes" from the
+   base weights with the checkpoint's optimizer state (huggingface/transformers#43701, open).
+   `_load_from_checkpoint` here maps the keys back and fails loudly on anything still missing.
+
+Speed-oriented overrides (e.g. `compute_loss` computing logits only at label positions) belong
+here too: keep each one a small method with a comment saying why it exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from transformers import Trainer
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from pg_finetune.recipe import Recipe, save_recipe
+
+logger = logging.getLogger(__name__)
+
+STAGING_PREFIX = "tmp-"
+_COMPLETE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or a trainable weight) became NaN/inf; `step` is the optimizer step that failed (1-based)."""
+
+    def __init__(self, step: int, what: str):
+        self.step = step
+        self.what = what
+        super().__init__(f"{what} became NaN/inf at step {step}")
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The `checkpoint-N` with the highest N in `output_dir`, or None; `tmp-*` staging dirs never count.
+
+    A `checkpoint-N` without `trainer_state.json` (one written in place by an older version, cut
+    short) is skipped with a warning, so resume falls back to the previous complete one.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = []
+    for child in folder.iterdir():
+        match = _COMPLETE.match(child.name)
+        if match and child.is_dir():
+            if (child / "trainer_state.json").is_file():
+                found.append((int(match[1]), child))
+            else:
+                logger.warning("ignoring %s: no trainer_state.json (an interrupted save?)", child)
+    return str(max(found)[1]) if found else None
+
+
+def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:
+    """Delete `tmp-checkpoint-*` staging dirs (left by a save that was interrupted); call on one process."""
+    for stale in Path(output_dir).glob(f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"):
+        logger.warning("removing %s, left by an interrupted save", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+class PaliGemmaTrainer(Trainer):
+    """`Trainer` with atomic checkpoints (recipe.yaml inside) and a per-step NaN/inf check."""
+
+    def __init__(self, *args: Any, recipe: Recipe | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self._staging_run_dir: str | None = None
+
+    # ------------------------------------------------------------------------------------ NaN guard
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Checked before the optimizer step this micro-batch feeds, so the weights are still good.
+        # The flag is reduced over processes so every rank stops at the same step (no DDP hang).
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            raise NonFiniteLossError(self.state.global_step + 1, "the training loss")
+        return loss
+
+    def _check_weights_finite(self) -> None:
+        bad_names = [
+            name for name, param in self.model.named_parameters()
+            if param.requires_grad and not torch.isfinite(param.detach()).all()
+        ]
+        bad = torch.tensor([float(len(bad_names))], device=self.args.device)
+        if self.accelerator.num_processes > 1:  # FSDP shards: every rank must agree to stop
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            what = f"trainable weight {bad_names[0]}" if bad_names else "a trainable weight (on another rank)"
+            raise NonFiniteLossError(self.state.global_step, what)
+
+    # ------------------------------------------------------------------------- resume: model weights
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.model if model is None else model
+        folder = Path(resume_from_checkpoint)
+        files = _safetensors_files(folder)
+        if hasattr(model, "peft_config") or self.is_fsdp_enabled or self.is_deepspeed_enabled or not files:
+            # adapters (peft maps its own keys), FSDP/DeepSpeed states, or no safetensors: stock path
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        own = model.state_dict()
+        # save_pretrained renamed the model's keys to the original layout; undo that, pairing by tensor identity
+        key_of = {id(tensor): key for key, tensor in own.items()}
+        file_to_model = {
+            saved: key_of[id(tensor)]
+            for saved, tensor in revert_weight_conversion(model, dict(own)).items()
+            if id(tensor) in key_of
+        }
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            for key, tensor in safetensors.torch.load_file(file, device="cpu").items():
+                state[file_to_model.get(key, key)] = tensor
+        result = model.load_state_dict(state, strict=False)
+        loaded = {own[k].data_ptr() for k in state if k in own}
+        missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]  # tied (lm_head) is fine
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"cannot resume from {folder}: its weights do not match the model (missing {missing[:5]}, "
+                f"unexpected {list(result.unexpected_keys)[:5]}); was it written by another recipe or model?"
+            )
+        logger.info("resumed weights: %d tensors from %s", len(state), folder)
+
+    # ---------------------------------------------------------------------------- atomic checkpoints
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being written, the stock save code sees the staging dir as the run dir.
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self._check_weights_finite()
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_PREFIX + name)
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            remove_partial_checkpoints(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N on every rank
+        finally:
+            self._staging_run_dir = None
+        written = os.path.join(staging, name)
+        if self.args.should_save and self.recipe is not None:
+            save_recipe(self.recipe, written)
+        self.accelerator.wait_for_everyone()  # every rank's files (rng_state_K.pth, shards) are in
+        if self.args.should_save:
+            self._publish(written, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    @staticmethod
+    def _publish(written: str, final: str) -> None:
+        """Rename the finished checkpoint into place; an older one of the same step is replaced."""
+        if os.path.exists(final):  # resumed from an earlier checkpoint and reached this step again
+            old = os.path.join(os.path.dirname(written), "replaced")  # inside tmp-*: never picked
+            os.replace(final, old)
+        os.replace(written, final)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors weight files (one file, or the shards its index names)."""
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        import json
+
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    single = folder / SAFE_WEIGHTS_NAME
+    return [single] if single.is_file() else []
+
+
+__all__ = ["NonFiniteLossError", "PaliGemmaTrainer", "last_complete_checkpoint", "remove_partial_checkpoints"]
