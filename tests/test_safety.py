@@ -132,3 +132,14 @@ def test_save_recipe_redacts_token_values(tmp_path):
     recipe = load_recipe(ROOT / "recipes/tiny/easyvqa_lora.yaml", [f"model.revision={TOKEN}"])
     text = save_recipe(recipe, tmp_path).read_text()
     assert TOKEN not in text and "revision: <redacted>" in text
+
+
+def test_model_card_never_carries_a_token_from_the_recipe(tmp_path):
+    from pg_finetune.model_card import write_model_card
+    from pg_finetune.recipe import recipe_from_dict
+
+    token = "hf_" + "Ab3" * 10
+    recipe = recipe_from_dict({"name": "t", "description": f"trained with {token} by mistake", "model": {"name_or_path": "tiny"}})
+    card = write_model_card(tmp_path, recipe, is_adapter=False, trainable=None, example_prompt="answer en what?",
+                            max_new_tokens=4, before=None, after=None).read_text()
+    assert token not in card and "<redacted>" in card

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from pg_finetune.model import TINY_MODELS, resolve_model_path
+from pg_finetune.recipe import redact_recipe
 
 _SNIPPET = """```python
 import torch
@@ -120,5 +121,6 @@ def model_card(
 
 def write_model_card(directory: str | Path, recipe: Any, **kwargs: Any) -> Path:
     path = Path(directory) / "README.md"
-    path.write_text(model_card(recipe, model_dir=str(directory), **kwargs))
+    # a token pasted into free text (description) must not reach a card people share
+    path.write_text(model_card(redact_recipe(recipe), model_dir=str(directory), **kwargs))
     return path
