@@ -1,23 +1,37 @@
-"""Training throughput of the tiny recipe, per tuning method, against the usual notebook collator.
+"""Training throughput of the tiny recipe, per tuning method: our training step against the notebook one.
 
-    python bench/train_throughput.py [--steps 40] [--batch-size 16] [--out bench/results]
+    python bench/train_throughput.py [--steps 40] [--batch-size 16] [--threads 1] [--out bench/results]
 
-Same model, data, optimizer and steps for every row. "ours" uses
-`PaliGemmaCollator` (fast tokenizer on the text, image processor once per
-batch); "baseline" is the collator of the usual HF blog/notebook recipe: the full
-`PaliGemmaProcessor(images=..., text=..., suffix=...)` called on every step.
-Prints a table and writes JSON. Numbers, not pass/fail: run it on an idle machine.
+Variants, each with its own copy of the same model (same seed), the same batches
+in the same order, the same optimizer (torch AdamW as `optim: adamw_torch` builds
+it; on CPU that is the for-loop implementation) and the same number of steps:
+
+- baseline:   the collator of the usual HF blog/notebook recipe (the full
+              `PaliGemmaProcessor(images=, text=, suffix=)` every step) and `model(**batch).loss`;
+- +collator:  `PaliGemmaCollator` with its pixel cache off, still `model(**batch).loss`;
+- +pixel cache: `PaliGemmaCollator` as train.py builds it (content-keyed pixel_values cache on);
+- +suffix_loss: the same collator + `pg_finetune.speed.suffix_loss` (logits at label positions only);
+- ours:       + `suffix_loss(..., image_features=ImageFeatureCache())`: a frozen vision tower's
+              output computed once per distinct image (all four methods here freeze it, as
+              `TuningConfig`'s defaults do; the cache is bypassed when it trains).
+
+Records are read through the dataset every step (`load_records(...)[i]` decodes
+the PNG each time, as the Trainer's DataLoader does). The variants run
+interleaved, one step each in turn, and the figure is the median step time, so
+a neighbour's load on the machine hits every variant alike. A second table
+times `optimizer.step()` alone for the for-loop, foreach and fused AdamW.
+Prints tables and writes JSON. Numbers, not pass/fail.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
+import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -25,7 +39,10 @@ from pg_finetune.collator import PaliGemmaCollator
 from pg_finetune.data import load_records
 from pg_finetune.model import load_model, load_processor
 from pg_finetune.recipe import ModelConfig, TuningConfig
+from pg_finetune.speed import ImageFeatureCache, suffix_loss
 from pg_finetune.tuning import apply_tuning
+
+VARIANTS = ("baseline", "+collator", "+pixel cache", "+suffix_loss", "ours")
 
 
 def baseline_collator(processor):
@@ -42,63 +59,144 @@ def baseline_collator(processor):
     return collate
 
 
-def run(method: str, collate_name: str, records, steps: int, batch_size: int) -> dict:
-    tuning = TuningConfig(method=method, load_in_4bit=method == "qlora", bnb_4bit_compute_dtype="float32")
+def model_loss(model, batch):
+    return model(**batch).loss
+
+
+def cached_suffix_loss():
+    cache = ImageFeatureCache()
+    return lambda model, batch: suffix_loss(model, batch, image_features=cache)
+
+
+def build(method: str, model_name: str = "tiny"):
+    # "full_vision": recipes/tiny/easyvqa_full.yaml's tuning (vision tower and projector train too)
+    vision = method == "full_vision"
+    tuning = TuningConfig(method="full" if vision else method, load_in_4bit=method == "qlora",
+                          bnb_4bit_compute_dtype="float32", train_vision_tower=vision, train_projector=vision)
     torch.manual_seed(0)
-    processor = load_processor("tiny")
-    model = apply_tuning(load_model(ModelConfig(name_or_path="tiny"), tuning), tuning).train()
-    collate = PaliGemmaCollator(processor, max_length=64) if collate_name == "ours" else baseline_collator(processor)
+    return apply_tuning(load_model(ModelConfig(name_or_path=model_name), tuning), tuning).train()
+
+
+def make_optimizer(model, kind: str = "forloop"):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    tokens = 0
-    start = None
-    for step in range(steps + 2):
-        if step == 2:  # two warm-up steps
-            start, tokens = time.perf_counter(), 0
-        chunk = [records[(step * batch_size + i) % len(records)] for i in range(batch_size)]
-        batch = collate(chunk)
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum())
-    elapsed = time.perf_counter() - start
-    return {
-        "method": method,
-        "collator": collate_name,
-        "samples_per_s": steps * batch_size / elapsed,
-        "tokens_per_s": tokens / elapsed,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # lr as the tiny recipes; "forloop" is what Trainer's adamw_torch gives on CPU (foreach=None -> False)
+    options = {"forloop": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, **options)
+
+
+def bench_method(method: str, dataset, processor, steps: int, batch_size: int, max_length: int) -> list[dict]:
+    setups = {
+        "baseline": (baseline_collator(processor), model_loss),
+        "+collator": (PaliGemmaCollator(processor, max_length=max_length, pixel_cache_mb=0), model_loss),
+        "+pixel cache": (PaliGemmaCollator(processor, max_length=max_length), model_loss),
+        "+suffix_loss": (PaliGemmaCollator(processor, max_length=max_length), suffix_loss),
+        "ours": (PaliGemmaCollator(processor, max_length=max_length), cached_suffix_loss()),
     }
+    runs = {}
+    for name, (collate, loss_fn) in setups.items():
+        model = build(method)
+        runs[name] = dict(model=model, optimizer=make_optimizer(model), collate=collate, loss_fn=loss_fn,
+                          times=[], tokens=0, slots=0, losses=[])
+    n = len(dataset)
+    for step in range(steps + 2):  # two warm-up steps
+        indices = [(step * batch_size + i) % n for i in range(batch_size)]
+        for name in VARIANTS:
+            run = runs[name]
+            start = time.perf_counter()
+            batch = run["collate"]([dataset[i] for i in indices])
+            loss = run["loss_fn"](run["model"], batch)
+            loss.backward()
+            run["optimizer"].step()
+            run["optimizer"].zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - start
+            if step >= 2:
+                run["times"].append(elapsed)
+                run["tokens"] += int(batch["attention_mask"].sum())
+                run["slots"] += batch["attention_mask"].numel()
+                run["losses"].append(loss.item())
+    rows = []
+    for name in VARIANTS:
+        run = runs[name]
+        median = statistics.median(run["times"])
+        rows.append({
+            "method": method,
+            "variant": name,
+            "median_step_ms": 1000 * median,
+            "samples_per_s": batch_size / median,
+            "tokens_per_s": run["tokens"] / len(run["times"]) / median,
+            "mean_samples_per_s": batch_size * len(run["times"]) / sum(run["times"]),
+            "padding_fraction": 1 - run["tokens"] / run["slots"],
+            "first_loss": run["losses"][0],
+            "last_loss": run["losses"][-1],
+        })
+    return rows
 
 
-def main() -> None:
+def bench_optimizers(method: str, repeats: int = 30) -> dict[str, float]:
+    """Median ms of optimizer.step() per AdamW implementation, on gradients from one real step."""
+    model = build(method)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizers = {kind: make_optimizer(model, kind) for kind in ("forloop", "foreach", "fused")}
+    times: dict[str, list[float]] = {kind: [] for kind in optimizers}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for kind, optimizer in optimizers.items():  # interleaved, like the training steps
+                start = time.perf_counter()
+                optimizer.step()
+                times[kind].append(time.perf_counter() - start)
+    return {kind: 1000 * statistics.median(t[2:]) for kind, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--methods", default="full,attention_only,lora,qlora")
+    parser.add_argument("--max-length", type=int, default=64, help="data.max_length of the tiny recipes")
+    parser.add_argument("--methods", default="full_vision,full,attention_only,lora,qlora",
+                        help="tuning methods; full_vision = full with the vision tower and projector trained "
+                             "(the tiny easyvqa_full recipe)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default); 1 is steadier when other work shares the cores")
     parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dataset = load_records("builtin:easyvqa", "train[:512]")
-    records = [dataset[i] for i in range(len(dataset))]
-    rows = []
-    for method in args.methods.split(","):
-        for collate_name in ("ours", "baseline"):
-            rows.append(run(method, collate_name, records, args.steps, args.batch_size))
-            r = rows[-1]
-            print(f"{method:<15}{collate_name:<10}{r['samples_per_s']:>10.1f} samples/s{r['tokens_per_s']:>10.0f} tok/s")
-    print(f"\n{'method':<15}{'ours/baseline samples/s':>26}")
-    for method in args.methods.split(","):
-        ours, base = (next(r for r in rows if r["method"] == method and r["collator"] == c) for c in ("ours", "baseline"))
-        print(f"{method:<15}{ours['samples_per_s'] / base['samples_per_s']:>26.2f}x")
+    processor = load_processor("tiny")
+    methods = args.methods.split(",")
+
+    rows, optim = [], {}
+    for method in methods:
+        rows += bench_method(method, dataset, processor, args.steps, args.batch_size, args.max_length)
+        optim[method] = bench_optimizers(method)
+
+    print(f"\n{'method':<15}{'variant':<14}{'step ms':>9}{'samples/s':>11}{'tok/s':>9}{'vs baseline':>13}")
+    for method in methods:
+        base = next(r for r in rows if r["method"] == method and r["variant"] == "baseline")
+        for r in (r for r in rows if r["method"] == method):
+            r["speedup"] = r["samples_per_s"] / base["samples_per_s"]
+            print(f"{method:<15}{r['variant']:<14}{r['median_step_ms']:>9.1f}{r['samples_per_s']:>11.1f}"
+                  f"{r['tokens_per_s']:>9.0f}{r['speedup']:>12.2f}x")
+    print(f"\nAdamW optimizer.step() median ms\n{'method':<15}{'forloop':>9}{'foreach':>9}{'fused':>9}")
+    for method in methods:
+        o = optim[method]
+        print(f"{method:<15}{o['forloop']:>9.2f}{o['foreach']:>9.2f}{o['fused']:>9.2f}")
+    pad = statistics.mean(r["padding_fraction"] for r in rows if r["variant"] == "ours")
+    print(f"\npadding: {100 * pad:.1f}% of the token slots of our batches are padding")
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = SimpleNamespace(
-        date=time.strftime("%Y-%m-%d"), machine=platform.machine(), threads=torch.get_num_threads(),
-        torch=torch.__version__, steps=args.steps, batch_size=args.batch_size,
+    meta = dict(
+        date=time.strftime("%Y-%m-%d %H:%M"), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__, steps=args.steps,
+        batch_size=args.batch_size,
+        statistic="median step time over interleaved steps",
     )
-    (out / "train_throughput.json").write_text(json.dumps({"meta": vars(meta), "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out / 'train_throughput.json'}")
+    path = out / "train_throughput.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "optimizer_step_ms": optim}, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

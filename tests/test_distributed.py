@@ -135,7 +135,7 @@ def test_two_ddp_processes_equal_one_process(batch8, tmp_path):
         assert per_rank == ["rng_state_0.pth", "rng_state_1.pth"]
         assert [p.name for p in (batch8 / checkpoint).glob("rng_state*")] == ["rng_state.pth"]
     assert [p.name for p in ddp.rglob("metrics.json")] == ["metrics.json"]
-    assert sorted(p.name for p in ddp.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4", "final"]
+    assert sorted(p.name for p in ddp.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4", "final", "report_files"]
 
 
 def test_batch_8_equals_batch_2_times_accumulation_4(batch8, tmp_path):

@@ -201,10 +201,12 @@ def _poison_forward(monkeypatch, bad_call: int):
 
     def forward(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        if self.training and out.loss is not None:
+        if self.training:  # the trainer's loss is computed from the logits (suffix_loss) or is out.loss
             calls["n"] += 1
             if calls["n"] >= bad_call:
-                out.loss = out.loss * float("nan")
+                out.logits = out.logits * float("nan")
+                if out.loss is not None:
+                    out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(PaliGemmaForConditionalGeneration, "forward", forward)

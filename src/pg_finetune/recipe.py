@@ -178,6 +178,17 @@ class TrainingConfig:
     save_steps: int = _field(500, "Save a checkpoint every N steps.")
     save_total_limit: int | None = _field(2, "Keep at most N checkpoints; null = keep all.")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
+    label_positions_loss: bool = _field(
+        True,
+        "Apply the lm_head and cross-entropy only where labels are (the suffix): the same loss and "
+        "gradients, less compute and memory (the vocabulary is 257k). false = transformers' own loss.",
+    )
+    cache_image_features: bool = _field(
+        True,
+        "While the vision tower and projector are frozen (lora, attention_only), compute each distinct "
+        "image's features once and reuse them (keyed by pixel content; bounded, 1 GiB). Ignored when "
+        "label_positions_loss is false.",
+    )
     bf16: bool = _field(False, "bfloat16 autocast (Ampere or newer GPUs).")
     fp16: bool = _field(False, "float16 autocast with loss scaling (e.g. T4).")
     dataloader_num_workers: int = _field(0, "DataLoader worker processes; 0 = load in the main process.")

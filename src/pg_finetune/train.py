@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=processor,
         callbacks=callbacks,
         recipe=recipe,  # written into every checkpoint, inside the atomic rename
+        label_positions_loss=recipe.training.label_positions_loss,
+        cache_image_features=recipe.training.cache_image_features,
     )
     if gen_eval:
         gen_eval.trainer = trainer

@@ -30,8 +30,8 @@ the stock Trainer (transformers 5.23) does not guarantee:
    base weights with the checkpoint's optimizer state (huggingface/transformers#43701, open).
    `_load_from_checkpoint` here maps the keys back and fails loudly on anything still missing.
 
-Speed-oriented overrides (e.g. `compute_loss` computing logits only at label positions) belong
-here too: keep each one a small method with a comment saying why it exists.
+4. **The loss is computed where the labels are** (`compute_loss` -> `pg_finetune.speed.suffix_loss`):
+   logits only at suffix positions, and a frozen vision tower's image features cached.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from pg_finetune.recipe import Recipe, save_recipe
+from pg_finetune.speed import ImageFeatureCache, suffix_loss
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +98,41 @@ def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:
 class PaliGemmaTrainer(Trainer):
     """`Trainer` with atomic checkpoints (recipe.yaml inside) and a per-step NaN/inf check."""
 
-    def __init__(self, *args: Any, recipe: Recipe | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        recipe: Recipe | None = None,
+        label_positions_loss: bool = True,
+        cache_image_features: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self._staging_run_dir: str | None = None
+        self.label_positions_loss = label_positions_loss
+        self.image_features = ImageFeatureCache() if cache_image_features else None
+
+    # ------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Only the suffix carries labels (a few tokens of ~280): computing logits over all positions
+        # spends most of the lm_head's work (257k vocabulary) on numbers the loss never reads.
+        # `suffix_loss` equals the model's own loss (tests/test_speed.py); anything it does not
+        # cover (outputs wanted, label smoothing, a custom loss) goes through the stock path.
+        if (
+            not self.label_positions_loss
+            or return_outputs
+            or "labels" not in inputs
+            or self.label_smoother is not None
+            or self.compute_loss_func is not None
+        ):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        n_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = suffix_loss(model, inputs, n_items, image_features=self.image_features)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and n_items is not None:
+            # as Trainer.compute_loss: the loss is a sum over this rank's tokens / all ranks' tokens
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
 
     # ------------------------------------------------------------------------------------ NaN guard
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
