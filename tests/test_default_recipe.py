@@ -1,6 +1,6 @@
 """The embedded default (`make finetune`): offline, and the model really learns.
 
-This runs the shipped default recipe unchanged (about 1.5 min on two CPU cores).
+This runs the shipped default recipe unchanged (about 2.5 min on two CPU cores).
 Chance on easy-VQA is about 0.5 for yes/no questions and 1/8 or 1/3 for colour and
 shape questions; a random model scores 0 (it does not even answer in the format).
 """
@@ -23,4 +23,4 @@ def test_default_recipe_learns_to_answer_from_the_image(tmp_path, monkeypatch):
     # yes/no questions ask about the image ("is there a red shape?"): well above the 0.5 of guessing
     assert after["exact_match_yes_no"] >= 0.75
     # colour and shape answers need the pixels: well above the 1/8 to 1/3 of guessing
-    assert after["exact_match_other"] >= 0.4
+    assert after["exact_match_other"] >= 0.35

@@ -306,3 +306,26 @@ def test_model_card_front_matter_and_snippet_that_runs(tmp_path, method):
     exec(compile(snippet, "README snippet", "exec"), {})
     if method == "lora":
         assert _front_matter(tmp_path / "run" / "merged" / "README.md")["library_name"] == "transformers"
+
+
+def test_final_dir_appears_only_when_complete(tmp_path, monkeypatch):
+    from pg_finetune import train as train_module
+
+    real_save_recipe = train_module.save_recipe
+
+    def crash_while_writing_final(recipe, path):
+        if Path(path).name == "tmp-final":
+            raise OSError("disk full (simulated)")
+        return real_save_recipe(recipe, path)
+
+    monkeypatch.setattr(train_module, "save_recipe", crash_while_writing_final)
+    with pytest.raises(OSError, match="simulated"):
+        _run(tmp_path, "eval.before_and_after=false", "logging.html_report=false")
+    run = tmp_path / "run"
+    assert list((run / "tmp-final").glob("*.safetensors"))  # the weights were half-way there...
+    assert not (run / "final").exists()  # ...but nothing named final/ that someone would load
+
+    monkeypatch.setattr(train_module, "save_recipe", real_save_recipe)
+    assert _run(tmp_path, "eval.before_and_after=false", "logging.html_report=false") == 0
+    assert list((run / "final").glob("*.safetensors")) and (run / "final" / "recipe.yaml").is_file()
+    assert not (run / "tmp-final").exists() and not (run / "final" / "training_args.bin").exists()

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from pg_finetune.recipe_data import load_eval_records, train_dataset
 from pg_finetune.report import write_report
 from pg_finetune.tasks import get_task
 from pg_finetune.trainer import (
+    STAGING_PREFIX,
     NonFiniteLossError,
     PaliGemmaTrainer,
     last_complete_checkpoint,
@@ -303,14 +305,23 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("truncation: %s", collator.stats.summary())
 
     # ------------------------------------------------------------------------------------------- save
-    final_dir = output_dir / "final"
-    trainer.save_model(str(final_dir))  # on every rank: FSDP / ZeRO-3 gather the weights collectively
+    # Written under tmp-final/ and renamed when complete, like the checkpoints: a crash mid-save never
+    # leaves a half-written final/ that someone loads.
+    final_dir, staging = output_dir / "final", output_dir / f"{STAGING_PREFIX}final"
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # on every rank: FSDP / ZeRO-3 gather the weights collectively
     if is_main:
         # Trainer.save_model also pickles TrainingArguments (torch.save); nothing reads it, and a pickle in
         # the directory people share and load is a hazard for them: the final model is safetensors + JSON only.
-        (final_dir / "training_args.bin").unlink(missing_ok=True)
-        processor.save_pretrained(final_dir)
-        save_recipe(recipe, final_dir)
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        processor.save_pretrained(staging)
+        save_recipe(recipe, staging)
+        shutil.rmtree(final_dir, ignore_errors=True)  # a re-run of the same recipe replaces its final/
+        os.replace(staging, final_dir)
+    trainer.accelerator.wait_for_everyone()
+    if is_main:
         if recipe.training.merge_lora:
             merged_dir = output_dir / "merged"
             if recipe.tuning.method == "qlora":  # merge into a full-precision copy of the base, not the 4-bit one
