@@ -274,8 +274,10 @@ def test_train_main_nan_loss_exits_3_naming_the_step(tmp_path, capsys, monkeypat
 
     def forward(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        if self.training and out.loss is not None:
-            out.loss = out.loss * float("nan")
+        if self.training:  # the trainer's loss comes from the logits (suffix_loss) or is out.loss
+            out.logits = out.logits * float("nan")
+            if out.loss is not None:
+                out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(PaliGemmaForConditionalGeneration, "forward", forward)
