@@ -604,3 +604,17 @@ def test_builtin_easyvqa_detect_boxes_labels_and_sizes():
         assert np.allclose(parsed.detections[0].box, box, atol=half_bin + 1e-9)
         assert meta["where"] == f"builtin:easyvqa-detect train #{i}"
     assert detect[0]["image"].size == (64, 64)
+
+
+def test_question_id_names_a_record_without_an_id(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    rows = [
+        {"image": "a.png", "question": "q?", "answers": ["yes"] * 10, "question_id": 262148000},
+        {"image": "a.png", "question": "q?", "answers": ["no"] * 10, "question_id": 5, "id": "mine"},
+        {"image": "a.png", "question": "q?", "answers": ["no"] * 10},
+    ]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_records(str(tmp_path / "val.jsonl"), "train", default_prefix="answer en {question}", require_suffix=False)
+    assert [ds.rows_meta(i)["id"] for i in range(3)] == ["262148000", "mine", "val-3"]

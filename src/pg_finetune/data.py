@@ -199,8 +199,11 @@ def _canonical(obj: dict, columns: _Columns) -> dict:
     ):
         if column in obj:
             row[canonical] = obj[column]
-    if obj.get("id") is not None:
-        row["id"] = str(obj["id"])
+    # VQAv2 (and the VQA evaluation's result files) name examples by `question_id`
+    for key in ("id", "question_id"):
+        if obj.get(key) is not None:
+            row["id"] = str(obj[key])
+            break
     return row
 
 
