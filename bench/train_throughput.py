@@ -11,12 +11,14 @@ it; on CPU that is the for-loop implementation) and the same number of steps:
 - +collator:  `PaliGemmaCollator` with its pixel cache off, still `model(**batch).loss`;
 - +pixel cache: `PaliGemmaCollator` as train.py builds it (content-keyed pixel_values cache on);
 - +suffix_loss: the same collator + `pg_finetune.speed.suffix_loss` (logits at label positions only);
+- +image cache: + the dataset's decoded-image cache (`load_records(..., image_cache_mb=256)`, the
+              default: many questions share an image);
 - ours:       + `suffix_loss(..., image_features=ImageFeatureCache())`: a frozen vision tower's
               output computed once per distinct image (all four methods here freeze it, as
               `TuningConfig`'s defaults do; the cache is bypassed when it trains).
 
-Records are read through the dataset every step (`load_records(...)[i]` decodes
-the PNG each time, as the Trainer's DataLoader does). The variants run
+Records are read through the dataset every step, as the Trainer's DataLoader does
+(`load_records(...)[i]`; the variants before "+image cache" decode the PNG on every read). The variants run
 interleaved, one step each in turn, and the figure is the median step time, so
 a neighbour's load on the machine hits every variant alike. A second table
 times `optimizer.step()` alone for the for-loop, foreach and fused AdamW.
@@ -42,7 +44,7 @@ from pg_finetune.recipe import ModelConfig, TuningConfig
 from pg_finetune.speed import ImageFeatureCache, suffix_loss
 from pg_finetune.tuning import apply_tuning
 
-VARIANTS = ("baseline", "+collator", "+pixel cache", "+suffix_loss", "ours")
+VARIANTS = ("baseline", "+collator", "+pixel cache", "+suffix_loss", "+image cache", "ours")
 
 
 def baseline_collator(processor):
@@ -84,26 +86,30 @@ def make_optimizer(model, kind: str = "forloop"):
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, **options)
 
 
-def bench_method(method: str, dataset, processor, steps: int, batch_size: int, max_length: int) -> list[dict]:
+def bench_method(method: str, split: str, processor, steps: int, batch_size: int, max_length: int) -> list[dict]:
+    def records(cached: bool):
+        return load_records("builtin:easyvqa", split, image_cache_mb=256 if cached else 0)
+
     setups = {
-        "baseline": (baseline_collator(processor), model_loss),
-        "+collator": (PaliGemmaCollator(processor, max_length=max_length, pixel_cache_mb=0), model_loss),
-        "+pixel cache": (PaliGemmaCollator(processor, max_length=max_length), model_loss),
-        "+suffix_loss": (PaliGemmaCollator(processor, max_length=max_length), suffix_loss),
-        "ours": (PaliGemmaCollator(processor, max_length=max_length), cached_suffix_loss()),
+        "baseline": (records(False), baseline_collator(processor), model_loss),
+        "+collator": (records(False), PaliGemmaCollator(processor, max_length=max_length, pixel_cache_mb=0), model_loss),
+        "+pixel cache": (records(False), PaliGemmaCollator(processor, max_length=max_length), model_loss),
+        "+suffix_loss": (records(False), PaliGemmaCollator(processor, max_length=max_length), suffix_loss),
+        "+image cache": (records(True), PaliGemmaCollator(processor, max_length=max_length), suffix_loss),
+        "ours": (records(True), PaliGemmaCollator(processor, max_length=max_length), cached_suffix_loss()),
     }
     runs = {}
-    for name, (collate, loss_fn) in setups.items():
+    for name, (dataset, collate, loss_fn) in setups.items():
         model = build(method)
         runs[name] = dict(model=model, optimizer=make_optimizer(model), collate=collate, loss_fn=loss_fn,
-                          times=[], tokens=0, slots=0, losses=[])
+                          dataset=dataset, times=[], tokens=0, slots=0, losses=[])
     n = len(dataset)
     for step in range(steps + 2):  # two warm-up steps
         indices = [(step * batch_size + i) % n for i in range(batch_size)]
         for name in VARIANTS:
             run = runs[name]
             start = time.perf_counter()
-            batch = run["collate"]([dataset[i] for i in indices])
+            batch = run["collate"]([run["dataset"][i] for i in indices])
             loss = run["loss_fn"](run["model"], batch)
             loss.backward()
             run["optimizer"].step()
@@ -163,13 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dataset = load_records("builtin:easyvqa", "train[:512]")
     processor = load_processor("tiny")
     methods = args.methods.split(",")
 
     rows, optim = [], {}
     for method in methods:
-        rows += bench_method(method, dataset, processor, args.steps, args.batch_size, args.max_length)
+        rows += bench_method(method, "train[:512]", processor, args.steps, args.batch_size, args.max_length)
         optim[method] = bench_optimizers(method)
 
     print(f"\n{'method':<15}{'variant':<14}{'step ms':>9}{'samples/s':>11}{'tok/s':>9}{'vs baseline':>13}")

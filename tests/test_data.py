@@ -618,3 +618,33 @@ def test_question_id_names_a_record_without_an_id(tmp_path):
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = load_records(str(tmp_path / "val.jsonl"), "train", default_prefix="answer en {question}", require_suffix=False)
     assert [ds.rows_meta(i)["id"] for i in range(3)] == ["262148000", "mine", "val-3"]
+
+
+def test_decoded_images_are_cached_by_reference_as_private_copies(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import pg_finetune.data as data_module
+
+    for name, color in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
+        Image.new("RGB", (32, 32), color).save(tmp_path / name)
+    rows = [{"image": n, "prefix": "caption en", "suffix": n} for n in ("a.png", "b.png", "a.png", "c.png", "a.png")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    decoded = []
+    real_open = data_module.open_image
+    monkeypatch.setattr(data_module, "open_image", lambda ref, where: decoded.append(ref) or real_open(ref, where))
+
+    # room for two 32x32 RGB images: a least-recently-used one is dropped when a third comes
+    ds = load_records(str(tmp_path / "d.jsonl"), "train", image_cache_mb=2 * 32 * 32 * 3 / 2**20)
+    first = ds[0]["image"]
+    first.putpixel((0, 0), (0, 0, 0))  # a caller drawing on its image must not change the next read
+    assert ds[2]["image"].getpixel((0, 0)) == (255, 0, 0)
+    assert [Path(p).name for p in decoded] == ["a.png"]  # record 2 shares record 0's image: no decode
+    ds[1], ds[3]  # b, then c pushes out the least recently used (a)
+    ds[4]
+    assert [Path(p).name for p in decoded] == ["a.png", "b.png", "c.png", "a.png"]
+
+    decoded.clear()
+    off = load_records(str(tmp_path / "d.jsonl"), "train", image_cache_mb=0)
+    for i in range(len(off)):
+        off[i]
+    assert len(decoded) == 5

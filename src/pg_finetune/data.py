@@ -35,12 +35,13 @@ import json
 import logging
 import os
 import re
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from torch.utils.data import Dataset
 
 from pg_finetune.images import BadRecordError, image_path, open_image
@@ -114,6 +115,11 @@ class RecordDataset(Dataset):
     decode makes `__getitem__` return None (the collator drops it), counts the reason in
     `skipped` and logs a warning naming `where`. Note that DataLoader workers count in their own
     process, so the main process's `skipped` only shows load-time drops and its own reads.
+
+    Decoded images are kept in a least-recently-used cache of `image_cache_mb` megabytes (per
+    process), keyed by the image reference: VQA sets ask many questions about one image (easy-VQA:
+    38k questions, 4k images; VQAv2: ~5 per image) and every epoch reads every image again, so most
+    reads skip the decode. Each read returns its own copy. 0 turns the cache off.
     """
 
     def __init__(
@@ -125,6 +131,7 @@ class RecordDataset(Dataset):
         fetch_image: Callable[[Any], Any] | None = None,
         skip_bad_records: bool = False,
         skipped: Counter | None = None,
+        image_cache_mb: float = 256.0,
     ):
         if len(metas) != len(image_refs):
             raise ValueError(f"{len(metas)} rows but {len(image_refs)} image references")
@@ -135,6 +142,9 @@ class RecordDataset(Dataset):
         self._image_refs = image_refs
         self._fetch_image = fetch_image
         self._bad_indices: set[int] = set()
+        self.image_cache_mb = image_cache_mb
+        self._images: OrderedDict[Any, Image.Image] = OrderedDict()
+        self._image_bytes = 0
 
     def __len__(self) -> int:
         return len(self._metas)
@@ -143,7 +153,7 @@ class RecordDataset(Dataset):
         meta = self._metas[index]
         ref = self._image_refs[index]
         try:
-            image = open_image(self._fetch_image(ref) if self._fetch_image else ref, meta["where"])
+            image = self._image(ref, meta["where"])
         except BadRecordError as err:
             if not self.skip_bad_records:
                 raise
@@ -153,6 +163,23 @@ class RecordDataset(Dataset):
                 logger.warning("skipping bad record %s", err.problems[0][0] + ": " + err.problem)
             return None
         return {"image": image, **meta}
+
+    def _image(self, ref: Any, where: str) -> Image.Image:
+        # str paths, raw bytes and row numbers identify an image; anything else is decoded every time
+        key = ref if self.image_cache_mb > 0 and isinstance(ref, (str, bytes, int)) else None
+        if key is not None and key in self._images:
+            self._images.move_to_end(key)
+            return self._images[key].copy()
+        image = open_image(self._fetch_image(ref) if self._fetch_image else ref, where)
+        if key is not None:
+            size = image.width * image.height * len(image.getbands())
+            if size <= self.image_cache_mb * 2**20:
+                self._images[key] = image.copy()
+                self._image_bytes += size
+                while self._image_bytes > self.image_cache_mb * 2**20:
+                    _, old = self._images.popitem(last=False)
+                    self._image_bytes -= old.width * old.height * len(old.getbands())
+        return image
 
     def rows_meta(self, index: int) -> dict:
         """The record without its image (prefix, suffix, id, where, extra fields); decodes nothing."""
@@ -671,6 +698,7 @@ def load_records(
     require_suffix: bool = True,
     limit: int | None = None,
     skip_bad_records: bool = False,
+    image_cache_mb: float = 256.0,
 ) -> RecordDataset:
     """Load one split of `source` as a RecordDataset (see the module docstring for sources and splits).
 
@@ -741,4 +769,5 @@ def load_records(
         fetch_image=src.fetch_image,
         skip_bad_records=skip_bad_records,
         skipped=skipped,
+        image_cache_mb=image_cache_mb,
     )
