@@ -42,6 +42,8 @@ CONFIGS = {
     "lora": ["--recipe", str(ROOT / "recipes/tiny/easyvqa_lora.yaml"), "tuning.lora_dropout=0.3"],
     # DetectionAugment: absent classes in the prompt, re-drawn per (seed, epoch, index)
     "detect": ["--recipe", str(ROOT / "recipes/tiny/easyvqa_detect.yaml"), "task.negatives=2"],
+    # length-grouped batches: the sampler's order comes from seed + epoch, not from the global RNG
+    "grouped": ["--recipe", str(ROOT / "recipes/tiny/easyvqa_full.yaml"), "training.group_by_length=true"],
 }
 
 
@@ -131,8 +133,9 @@ def _check_exact_resume(tmp_path: Path, monkeypatch, config: str) -> None:
     assert _max_diff(_weights(ref), _weights(run)) > 100 * TOLERANCE
 
 
-def test_resume_after_sigkill_is_exact_full(tmp_path, monkeypatch):
-    _check_exact_resume(tmp_path, monkeypatch, "full")
+@pytest.mark.parametrize("config", ["full", "grouped"])
+def test_resume_after_sigkill_is_exact_full(tmp_path, monkeypatch, config):
+    _check_exact_resume(tmp_path, monkeypatch, config)
 
 
 @pytest.mark.slow

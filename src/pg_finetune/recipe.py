@@ -178,6 +178,11 @@ class TrainingConfig:
     save_steps: int = _field(500, "Save a checkpoint every N steps.")
     save_total_limit: int | None = _field(2, "Keep at most N checkpoints; null = keep all.")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
+    group_by_length: bool = _field(
+        False,
+        "Batch records of similar text length together (less padding; still shuffled, from seed + epoch). "
+        "Worth it when prompt or target lengths vary a lot (long captions, detection).",
+    )
     label_positions_loss: bool = _field(
         True,
         "Apply the lm_head and cross-entropy only where labels are (the suffix): the same loss and "

@@ -182,6 +182,7 @@ def training_arguments(recipe: Recipe, output_dir: Path) -> TrainingArguments:
         bf16=t.bf16,
         fp16=t.fp16,
         dataloader_num_workers=t.dataloader_num_workers,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,  # records are dicts with images; the collator picks what it needs
         label_names=["labels"],

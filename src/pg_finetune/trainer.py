@@ -47,6 +47,7 @@ import safetensors.torch
 import torch
 from transformers import Trainer
 from transformers.core_model_loading import revert_weight_conversion
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
@@ -95,6 +96,32 @@ def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+class LengthGroupedEpochSampler(LengthGroupedSampler):
+    """transformers' length-grouped sampler (shuffle, then sort within mega-batches of 50 batches),
+    reshuffled from `seed + epoch`: the same order on every process and after a resume, which the
+    stock one (global torch RNG) does not promise."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Trainer calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def text_lengths(dataset: Any, tokenizer: Any) -> list[int]:
+    """Token count of each record's prefix + "\n" + suffix, read without decoding any image."""
+    texts = []
+    for i in range(len(dataset)):
+        meta = dataset.rows_meta(i)
+        texts.append(f"{meta.get('prefix') or ''}\n{meta.get('suffix') or ''}")
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 class PaliGemmaTrainer(Trainer):
     """`Trainer` with atomic checkpoints (recipe.yaml inside) and a per-step NaN/inf check."""
 
@@ -111,6 +138,21 @@ class PaliGemmaTrainer(Trainer):
         self._staging_run_dir: str | None = None
         self.label_positions_loss = label_positions_loss
         self.image_features = ImageFeatureCache() if cache_image_features else None
+
+    # ------------------------------------------------------------------------------------ sampler
+    def _get_train_sampler(self, train_dataset=None):
+        # The stock group_by_length wants a `datasets.Dataset` length column or `input_ids` in every
+        # item; our records are text + image, so lengths come from the text (image tokens are the
+        # same count for every record).
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "rows_meta"):
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            return LengthGroupedEpochSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                text_lengths(dataset, tokenizer),
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            )
+        return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
