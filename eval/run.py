@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.benchmarks import BENCHMARKS, Benchmark, Scored, ScoreOptions, get_benchmark
+from pg_finetune.jsonl import jsonl_objects
 from pg_finetune.metrics.captions import TOKENIZERS, resolve_tokenizer
 from pg_finetune.tasks import get_task
 
@@ -45,26 +46,18 @@ def read_predictions(path: str) -> tuple[dict[str, str], list[str], list[str]]:
     predictions: dict[str, str] = {}
     malformed: list[str] = []
     duplicates: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                malformed.append(f"{path}:{number}")
-                continue
-            if not isinstance(row, dict) or row.get("id") is None:
-                malformed.append(f"{path}:{number}")
-                continue
-            pid = str(row["id"])
-            if not isinstance(row.get("prediction"), str):
-                malformed.append(pid)
-                continue
-            if pid in predictions:
-                duplicates.append(pid)
-                continue
-            predictions[pid] = row["prediction"]
+    for number, row, _ in jsonl_objects(path):
+        if row is None or row.get("id") is None:
+            malformed.append(f"{path}:{number}")
+            continue
+        pid = str(row["id"])
+        if not isinstance(row.get("prediction"), str):
+            malformed.append(pid)
+            continue
+        if pid in predictions:
+            duplicates.append(pid)
+            continue
+        predictions[pid] = row["prediction"]
     return predictions, malformed, duplicates
 
 

@@ -9,12 +9,12 @@ a line of a `--references` file, so both modes score the same way.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pg_finetune.data import RecordDataset, load_records
+from pg_finetune.jsonl import jsonl_objects
 
 
 @dataclass(frozen=True)
@@ -56,21 +56,10 @@ def load_jsonl_records(
 
 def read_jsonl_references(path: str, split: str, image_root: str | None = None) -> list[dict]:
     """Rows of a references JSONL; a line that is not a JSON object becomes `{"_line": N, "_bad": why}`."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                rows.append({"_line": number, "_bad": f"invalid JSON ({err.msg})"})
-                continue
-            if not isinstance(row, dict):
-                rows.append({"_line": number, "_bad": f"not a JSON object ({type(row).__name__})"})
-                continue
-            rows.append({**row, "_line": number})
-    return rows
+    return [
+        {**row, "_line": number} if row is not None else {"_line": number, "_bad": problem}
+        for number, row, problem in jsonl_objects(path)
+    ]
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from pg_finetune.data import RecordDataset
+from pg_finetune.jsonl import jsonl_objects
 from pg_finetune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 from pg_finetune.recipe_data import eval_dataset, smallest
 from pg_finetune.tasks import Task, get_task
@@ -74,16 +75,10 @@ class Run:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{path}:{number}: not valid JSON ({err}); regenerate the predictions"
-                ) from err
+    for number, row, problem in jsonl_objects(path):
+        if row is None:
+            raise ValueError(f"{path}:{number}: {problem}; regenerate the predictions")
+        rows.append(row)
     return rows
 
 
