@@ -65,6 +65,15 @@ def test_predict_cli_names_a_missing_image(tmp_path, capsys):
     assert "nope.png" in capsys.readouterr().err
 
 
+def test_predict_cli_names_a_corrupt_image_without_dataset_advice(tmp_path, capsys):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    code = predict_main(["--model", "tiny", "--image", str(tmp_path / "bad.png"), "--prompt", "caption en"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--image" in err and "bad.png" in err and "cannot be decoded" in err
+    assert "skip_bad_records" not in err  # a recipe setting means nothing to the CLI
+
+
 def test_constrain_detection_is_off_by_default_and_adds_nothing_to_generate():
     settings = GenerationSettings()
     assert settings.constrain_detection is False

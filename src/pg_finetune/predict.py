@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         image = open_image(args.image, where=args.image)
+    except BadRecordError as err:  # the dataset hint (skip_bad_records) means nothing here
+        print(f"error: --image {err.problem}", file=sys.stderr)
+        return 2
+    try:
         model, processor = load_for_inference(args.model, args.adapter, dtype=args.dtype, cpu=args.cpu)
-    except (BadRecordError, ModelLoadError) as err:
+    except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
