@@ -23,4 +23,4 @@ def test_default_recipe_learns_to_answer_from_the_image(tmp_path, monkeypatch):
     # yes/no questions ask about the image ("is there a red shape?"): well above the 0.5 of guessing
     assert after["exact_match_yes_no"] >= 0.75
     # colour and shape answers need the pixels: well above the 1/8 to 1/3 of guessing
-    assert after["exact_match_other"] >= 0.35
+    assert after["exact_match_other"] >= 0.4
