@@ -137,7 +137,10 @@ class PaliGemmaTrainer(Trainer):
         self.recipe = recipe
         self._staging_run_dir: str | None = None
         self.label_positions_loss = label_positions_loss
-        self.image_features = ImageFeatureCache() if cache_image_features else None
+        # The cache calls the vision tower outside the wrapped model's forward: under FSDP or ZeRO-3 the
+        # parameters are only gathered inside it, so there the features are computed the normal way.
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        self.image_features = ImageFeatureCache() if cache_image_features and not sharded else None
 
     # ------------------------------------------------------------------------------------ sampler
     def _get_train_sampler(self, train_dataset=None):

@@ -1,4 +1,4 @@
-"""`training.group_by_length`: batches of similar text length, still shuffled, reproducible per epoch."""
+"""PaliGemmaTrainer options: length-grouped batches (`training.group_by_length`) and the image feature cache."""
 
 from __future__ import annotations
 
@@ -73,3 +73,25 @@ def test_the_recipe_switch_reaches_the_trainer(tmp_path):
         samplers[grouped] = trainer._get_train_sampler()
     assert isinstance(samplers[True], LengthGroupedEpochSampler)
     assert not isinstance(samplers[False], LengthGroupedEpochSampler)
+
+
+def test_image_feature_cache_is_off_when_parameters_are_sharded(tmp_path, monkeypatch):
+    # FSDP / ZeRO-3 gather parameters only inside the wrapped forward; the cache calls the tower outside it
+    from transformers import Trainer
+
+    from pg_finetune.model import load_model
+    from pg_finetune.recipe import recipe_from_dict
+    from pg_finetune.train import training_arguments
+    from pg_finetune.trainer import PaliGemmaTrainer
+
+    recipe = recipe_from_dict({"model": {"name_or_path": "tiny"}, "tuning": {"method": "lora"}})
+    model, args = load_model(recipe.model, recipe.tuning), training_arguments(recipe, tmp_path / "run")
+    assert PaliGemmaTrainer(model=model, args=args).image_features is not None
+    original = Trainer.create_accelerator_and_postprocess
+
+    def as_if_fsdp(self):
+        original(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_if_fsdp)
+    assert PaliGemmaTrainer(model=model, args=args).image_features is None
