@@ -192,7 +192,7 @@ class TrainingConfig:
         True,
         "While the vision tower and projector are frozen (lora, attention_only), compute each distinct "
         "image's features once and reuse them (keyed by pixel content; bounded, 1 GiB). Ignored when "
-        "label_positions_loss is false.",
+        "label_positions_loss is false, and under FSDP / DeepSpeed (sharded parameters).",
     )
     bf16: bool = _field(False, "bfloat16 autocast (Ampere or newer GPUs).")
     fp16: bool = _field(False, "float16 autocast with loss scaling (e.g. T4).")
