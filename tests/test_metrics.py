@@ -19,7 +19,14 @@ from pg_finetune.metrics.boxes import (
     iou_matrix,
     match_boxes,
 )
-from pg_finetune.metrics.captions import caption_scores, ptb_tokenize, resolve_tokenizer, simple_tokenize
+from pg_finetune.metrics.captions import (
+    caption_scores,
+    cider_each,
+    java_available,
+    ptb_tokenize,
+    resolve_tokenizer,
+    simple_tokenize,
+)
 from pg_finetune.metrics.vqa import (
     normalize_prediction,
     process_digit_article,
@@ -266,3 +273,18 @@ def test_caption_scores_by_hand_and_simple_tokenizer():
         caption_scores(["a"], [["a"]], tokenizer="nltk")
     with pytest.raises(ValueError, match="no reference"):
         caption_scores(["a"], [[]], tokenizer="simple")
+
+
+@pytest.mark.parametrize("tokenizer", ["simple", "ptb"])
+def test_per_example_cider_means_to_the_corpus_cider_with_the_same_tokenizer(tokenizer):
+    if tokenizer == "ptb" and not java_available():
+        pytest.skip("the PTB tokenizer needs java")
+    # "3.5" is one PTB token but "3 5" for the regex fallback: the two tokenizers score this differently,
+    # so per-example scores tokenized one way cannot average to a corpus score tokenized the other way
+    predictions = ["a sign that reads 3.5 miles", "a red car on a road", "two birds"]
+    references = [["a sign that reads 3 5 miles"], ["a red car on the road"], ["two small birds"]]
+    each = cider_each(predictions, references, tokenizer=tokenizer)
+    assert len(each) == 3
+    assert sum(each) / 3 == pytest.approx(caption_scores(predictions, references, tokenizer=tokenizer)["cider"])
+    other = "ptb" if tokenizer == "simple" else "simple"
+    assert each[0] != pytest.approx(cider_each(predictions, references, tokenizer=other)[0])

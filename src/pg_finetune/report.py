@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw
 
 from pg_finetune.data import RecordDataset
 from pg_finetune.jsonl import jsonl_objects
+from pg_finetune.metrics.captions import cider_each
 from pg_finetune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 from pg_finetune.recipe_data import eval_dataset, smallest
 from pg_finetune.tasks import Task, get_task
@@ -236,20 +237,8 @@ def _headline_each(
 
 
 def caption_cider_each(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
-    """Per-example CIDEr-D from the corpus computation (document frequencies over all examples).
-
-    Tokenised as `pg_finetune.tasks.caption.caption_scores` does, so the mean is its `cider`.
-    """
-    from pycocoevalcap.cider.cider import Cider
-
-    from pg_finetune.tasks.caption import simple_tokenize
-
-    if not predictions:
-        return []
-    res = {i: [simple_tokenize(p) or "<empty>"] for i, p in enumerate(predictions)}
-    gts = {i: [simple_tokenize(r) for r in refs] for i, refs in enumerate(references)}
-    _, each = Cider().compute_score(gts, res)
-    return [float(s) for s in each]
+    """Per-example CIDEr-D, tokenized as the caption task's metric is, so the mean is its `cider`."""
+    return cider_each(predictions, references, tokenizer="auto")
 
 
 @dataclass(frozen=True)

@@ -86,22 +86,16 @@ def tokenize(captions: Mapping[Hashable, Sequence[str]], tokenizer: str = "auto"
     return {k: [next(tokens) for _ in caps] for k, caps in captions.items()}
 
 
-def caption_scores(
-    predictions: Sequence[str], references: Sequence[Sequence[str]], tokenizer: str = "auto"
-) -> dict[str, float]:
-    """{"cider", "bleu4", "rouge_l"} of predictions against one or more references each (corpus level).
+def _scorer_inputs(
+    predictions: Sequence[str], references: Sequence[Sequence[str]], tokenizer: str
+) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """(gts, res) as pycocoevalcap's scorers take them, tokenized; callers handle the empty case.
 
-    An empty prediction is scored as the token `<empty>` (pycocoevalcap's BLEU refuses an empty
+    An empty prediction becomes the token `<empty>` (pycocoevalcap's BLEU refuses an empty
     hypothesis list); it matches no reference, so it scores as wrong.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        return {"cider": 0.0, "bleu4": 0.0, "rouge_l": 0.0}
     empty = [i for i, refs in enumerate(references) if not refs]
     if empty:
         raise ValueError(f"examples {empty[:10]} have no reference caption")
@@ -111,6 +105,34 @@ def caption_scores(
                      **{("gts", i): list(r) for i, r in enumerate(references)}}, tokenizer)  # fmt: skip
     res = {i: [both[("res", i)][0] or "<empty>"] for i in range(n)}
     gts = {i: both[("gts", i)] for i in range(n)}
+    return gts, res
+
+
+def cider_each(predictions: Sequence[str], references: Sequence[Sequence[str]], tokenizer: str = "auto") -> list[float]:
+    """Per-example CIDEr-D from the corpus computation (document frequencies over all examples):
+    the mean is `caption_scores(...)["cider"]` with the same tokenizer."""
+    from pycocoevalcap.cider.cider import Cider
+
+    if not predictions:
+        return []
+    gts, res = _scorer_inputs(predictions, references, tokenizer)
+    _, each = Cider().compute_score(gts, res)
+    return [float(s) for s in each]
+
+
+def caption_scores(
+    predictions: Sequence[str], references: Sequence[Sequence[str]], tokenizer: str = "auto"
+) -> dict[str, float]:
+    """{"cider", "bleu4", "rouge_l"} of predictions against one or more references each (corpus level)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {"cider": 0.0, "bleu4": 0.0, "rouge_l": 0.0}
+    gts, res = _scorer_inputs(predictions, references, tokenizer)
     cider, _ = Cider().compute_score(gts, res)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
