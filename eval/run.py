@@ -78,6 +78,7 @@ def score_predictions(
     """
     report: dict[str, Any] = {k: [] for k in REPORT_LISTS}
     ids: list[str] = []
+    seen: set[str] = set()  # ids as a set too: VQAv2 val has 214k questions, a list lookup each is quadratic
     references: list[Any] = []
     for row in ref_rows:
         where = row.get("where") or row.get("_line")
@@ -88,7 +89,7 @@ def score_predictions(
             report["bad_references"].append({"line": where, "problem": "no 'id' field"})
             continue
         rid = str(row["id"])
-        if rid in ids:
+        if rid in seen:
             report["duplicate_references"].append(rid)
             continue
         try:
@@ -98,7 +99,8 @@ def score_predictions(
             report["bad_references"].append({"id": rid, "line": where, "problem": str(problem)})
             continue
         ids.append(rid)
-    known = set(ids) | {str(r["id"]) for r in ref_rows if r.get("id") is not None}
+        seen.add(rid)
+    known = seen | {str(r["id"]) for r in ref_rows if r.get("id") is not None}
     report["missing"] = [i for i in ids if i not in predictions]
     report["unknown"] = [i for i in predictions if i not in known]
     report["empty"] = [i for i in ids if i in predictions and not predictions[i].strip()]
