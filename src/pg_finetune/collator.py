@@ -24,6 +24,8 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from pg_finetune.speed import KeyedTensorCache
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and transformers' loss) skips
@@ -106,8 +108,7 @@ class PaliGemmaCollator:
         # room for <bos>, the "\n" separator and <eos>
         if self.max_length < len(self.newline_ids) + 3:
             raise ValueError(f"max_length={self.max_length} leaves no room for a prompt and a target")
-        self._pixel_cache: dict[bytes, torch.Tensor] = {}
-        self._pixel_cache_bytes = 0
+        self._pixel_cache = KeyedTensorCache(self.pixel_cache_mb)
 
     # -- public -----------------------------------------------------------------------------------
     def __call__(self, records: list[dict | None]) -> dict[str, torch.Tensor]:
@@ -206,19 +207,11 @@ class PaliGemmaCollator:
         if self.pixel_cache_mb <= 0:
             return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         keys = [_image_key(image) for image in images]
-        missing = {key: image for key, image in zip(keys, images, strict=True) if key not in self._pixel_cache}
-        fresh: dict[bytes, torch.Tensor] = {}
-        if missing:
-            # The image processor treats each image on its own (fixed output size, no padding),
-            # so processing only the misses gives the same rows as processing the whole batch.
-            values = self.processor.image_processor(list(missing.values()), return_tensors="pt")["pixel_values"]
-            fresh = dict(zip(missing, values, strict=True))
-            for key, value in fresh.items():
-                size = value.numel() * value.element_size()
-                if self._pixel_cache_bytes + size <= self.pixel_cache_mb * 2**20:
-                    self._pixel_cache[key] = value
-                    self._pixel_cache_bytes += size
-        return torch.stack([fresh[key] if key in fresh else self._pixel_cache[key] for key in keys])
+        # The image processor treats each image on its own (fixed output size, no padding),
+        # so processing only the misses gives the same rows as processing the whole batch.
+        return self._pixel_cache(
+            keys, lambda rows: self.processor.image_processor([images[i] for i in rows], return_tensors="pt")["pixel_values"]
+        )
 
 
 def _is_rgb_image(image: Any) -> bool:

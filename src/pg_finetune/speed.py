@@ -30,7 +30,7 @@ bypassed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,39 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keep, shifted[keep]
 
 
+class KeyedTensorCache:
+    """Per-row tensors memoised by key under a memory budget, computed in one batched call per miss set.
+
+    `cache(keys, compute)` returns `torch.stack` of one tensor per key; `compute(rows)` gets the
+    positions (first occurrence) of the keys not cached yet and returns their tensors in that order.
+    Tensors are kept until `max_mb` megabytes are used; later ones are recomputed on each use.
+    Serves the collator's pixel_values and the frozen vision tower's features alike.
+    """
+
+    def __init__(self, max_mb: float):
+        self.max_mb = max_mb
+        self._values: dict[bytes, torch.Tensor] = {}
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:  # entries held
+        return len(self._values)
+
+    def __call__(self, keys: list[bytes], compute: Callable[[list[int]], Sequence[torch.Tensor]]) -> torch.Tensor:
+        missing = list(dict.fromkeys(k for k in keys if k not in self._values))
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        fresh: dict[bytes, torch.Tensor] = {}
+        if missing:
+            for key, value in zip(missing, compute([keys.index(k) for k in missing]), strict=True):
+                fresh[key] = value
+                size = value.numel() * value.element_size()
+                if self._bytes + size <= self.max_mb * 2**20:
+                    self._values[key] = value
+                    self._bytes += size
+        return torch.stack([fresh[k] if k in fresh else self._values[k] for k in keys])
+
+
 def _paligemma(model: torch.nn.Module) -> torch.nn.Module:
     """The PaliGemmaForConditionalGeneration inside DDP/accelerate (`.module`) and peft wrappers."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
@@ -67,10 +100,15 @@ class ImageFeatureCache:
     """
 
     def __init__(self, max_mb: float = 1024.0):
-        self.max_mb = max_mb
-        self._features: dict[bytes, torch.Tensor] = {}
-        self._bytes = 0
-        self.hits = self.misses = 0
+        self._cache = KeyedTensorCache(max_mb)
+
+    @property
+    def hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self._cache.misses
 
     def applies_to(self, model: torch.nn.Module) -> bool:
         inner = _paligemma(model).model
@@ -80,21 +118,12 @@ class ImageFeatureCache:
     def __call__(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         host = pixel_values.detach().cpu().contiguous()
         keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in host]
-        fresh: dict[bytes, torch.Tensor] = {}
-        missing = list(dict.fromkeys(k for k in keys if k not in self._features))
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
-        if missing:
-            rows = [keys.index(k) for k in missing]
-            with torch.no_grad():
-                values = _paligemma(model).model.get_image_features(pixel_values[rows]).pooler_output
-            for key, value in zip(missing, values, strict=True):
-                fresh[key] = value
-                size = value.numel() * value.element_size()
-                if self._bytes + size <= self.max_mb * 2**20:
-                    self._features[key] = value
-                    self._bytes += size
-        return torch.stack([fresh[k] if k in fresh else self._features[k] for k in keys])
+
+        @torch.no_grad()
+        def compute(rows: list[int]) -> torch.Tensor:
+            return _paligemma(model).model.get_image_features(pixel_values[rows]).pooler_output
+
+        return self._cache(keys, compute)
 
 
 def suffix_loss(
