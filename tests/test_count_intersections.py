@@ -188,15 +188,26 @@ def test_cli(tmp_path, capsys):
     ("text", "expected"),
     [
         ("2", "2"),
-        ("there are 2", "2"),
+        ("03", "3"),
         ("two", "2"),
-        ("There are Two.", "2"),
-        ("ten", "10"),
-        ("12 lines, 3 crossings", "12"),
+        (" Two. ", "2"),
+        ("TEN!", "10"),
+        ("(3)", "3"),
+        ("'none'", "0"),
+        ("Zero", "0"),
+        # malformed: kept as written (stripped), scored as wrong
+        ("-1", "-1"),
+        ("+2", "+2"),
+        ("1.5", "1.5"),
+        (".5", ".5"),
+        ("3 or 4", "3 or 4"),
+        ("there are 2", "there are 2"),
+        ("12 lines, 3 crossings", "12 lines, 3 crossings"),
+        ("eleven", "eleven"),
         ("", ""),
-        ("many", "many"),
         ("  many \n", "many"),
-        ("someone", "someone"),  # "one" only as a whole word
+        ("someone", "someone"),
+        ("²", "²"),  # a digit to str.isdigit, not an ASCII one
     ],
 )
 def test_parse_count(text, expected):
@@ -204,21 +215,26 @@ def test_parse_count(text, expected):
 
 
 def test_count_accuracy_by_hand():
-    predictions = ["2", "1", "many", "0", ""]
-    references = [["2"], ["2"], ["1"], ["0"], ["0"]]
-    # correct: yes, no, no (unparseable), yes, no (empty) -> 2/5; class 0: 1/2, class 1: 0/1, class 2: 1/2
+    predictions = ["2", "1", "many", "0", "", "-2", "1.0", "3 or 2"]
+    references = [["2"], ["2"], ["1"], ["0"], ["0"], ["2"], ["1"], ["2"]]
+    # correct: yes, no, no (malformed), yes, no (empty), no ("-2" is not 2), no ("1.0" is not a whole
+    # count), no (two numbers) -> 2/8; class 0: 1/2, class 1: 0/2, class 2: 1/4;
+    # malformed: many, "", -2, 1.0, "3 or 2" -> 5/8
     scores = count_accuracy(predictions, references)
-    assert scores == {"accuracy": 0.4, "accuracy/0": 0.5, "accuracy/1": 0.0, "accuracy/2": 0.5}
+    assert scores == {"accuracy": 2 / 8, "accuracy/0": 0.5, "accuracy/1": 0.0, "accuracy/2": 0.25, "invalid_rate": 5 / 8}
     assert next(iter(scores)) == "accuracy"  # the headline metric comes first
     assert count_accuracy(["two", "1"], [["2"], ["1"]]) == {
         "accuracy": 1.0,
         "accuracy/1": 1.0,
         "accuracy/2": 1.0,
+        "invalid_rate": 0.0,
     }
     # no reference at all: nothing to match, even an empty prediction is wrong, and no per-class key
-    assert count_accuracy([""], [[]]) == {"accuracy": 0.0}
+    assert count_accuracy([""], [[]]) == {"accuracy": 0.0, "invalid_rate": 1.0}
     with pytest.raises(ValueError):
         count_accuracy(["1"], [])
+    with pytest.raises(ValueError, match="not a count"):  # a bad reference is a data error, not a miss
+        count_accuracy(["1"], [["1.5"]])
 
 
 def test_task_references_accept_int_counts():
@@ -239,6 +255,7 @@ def test_task_references_accept_int_counts():
         "accuracy": 0.5,
         "accuracy/0": 0.0,
         "accuracy/2": 1.0,
+        "invalid_rate": 0.0,
     }
 
 

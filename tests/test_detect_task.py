@@ -133,6 +133,20 @@ def test_hungarian_beats_greedy():
     assert scores["miou"] == pytest.approx((0.6 + 7 / 13) / 2)
 
 
+def test_a_hit_at_a_threshold_is_not_lost_to_the_largest_total_iou():
+    # All boxes span y 0..10 (bin == pixel). GT G1 = x0..10, G2 = x10..20; P1 = x0..10, y0..4; P2 = x3..13.
+    # IoU(P1,G1) = 40/100 = .4, IoU(P1,G2) = 0, IoU(P2,G1) = 70/130 = .538, IoU(P2,G2) = 30/170 = .176.
+    # Largest total IoU: P1-G1 + P2-G2 = .576 > .538, so mIoU = (.4 + .176) / 2, with no pair >= .5;
+    # but P2-G1 clears 0.5 on its own: one hit of two boxes, one of two predictions.
+    text = "<loc0000><loc0000><loc0004><loc0010> cat ; <loc0000><loc0003><loc0010><loc0013> cat"
+    scores = score([(text, record([[0, 0, 10, 10], [10, 0, 20, 10]], ["cat", "cat"]))])
+    assert scores["miou"] == pytest.approx((40 / 100 + 30 / 170) / 2)
+    assert scores["acc@0.5"] == pytest.approx(0.5)
+    assert scores["recall@0.5"] == pytest.approx(0.5)
+    assert scores["precision@0.5"] == pytest.approx(0.5)
+    assert scores["acc@0.75"] == 0.0
+
+
 def test_no_gt_no_prediction_is_perfect_and_empty_eval_is_zero():
     scores = score([("", record([], [], prefix="detect cat"))])
     assert scores["miou"] == 1.0 and scores["precision@0.5"] == 1.0 and scores["invalid_rate"] == 0.0

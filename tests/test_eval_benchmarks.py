@@ -66,6 +66,31 @@ def test_vqav2_official_accuracy_with_missing_unknown_empty_and_malformed(tmp_pa
     assert "1 missing prediction ids: 3 (scored as wrong)" in err and "unknown prediction ids: 99" in err
 
 
+def test_vqav2_refuses_records_with_fewer_than_three_answers(tmp_path, capsys):
+    # Under min(#matches / 3, 1) a correct answer against one reference scores 0 (worked by hand:
+    # leave the only answer out, 0 matches remain), against two at most 1/3. Such records are refused,
+    # by record, with the reason and the way out; the rest are scored as usual.
+    refs = [
+        {"id": 1, "answers": ["yes"] * 10},
+        {"id": 2, "answers": ["cat"]},
+        {"id": 3, "answers": ["dog", "dog"]},
+        {"id": 4, "answers": ["red", "red", "blue"]},  # three: scored (by hand below)
+    ]
+    preds = [{"id": k, "prediction": p} for k, p in ((1, "yes"), (2, "cat"), (3, "dog"), (4, "red"))]
+    scores, report = _score(tmp_path, "vqav2", refs, preds)
+    # id 4 by hand: leave out red -> 1 red left (1/3); again (1/3); leave out blue -> 2 reds (2/3): mean 4/9.
+    assert scores["vqav2/validation/accuracy"] == pytest.approx((1 + 4 / 9) / 2)
+    assert report["scored"] == 2
+    refused = {b["id"]: b["problem"] for b in report["bad_references"]}
+    assert set(refused) == {"2", "3"}
+    assert all("at least 3" in p and "--benchmark vqa" in p for p in refused.values())
+    assert "1 human answer:" in refused["2"] and "2 human answers" in refused["3"]
+    assert "--benchmark vqa" in capsys.readouterr().err
+    # The same file under exact match scores the single-answer records as right.
+    scores, report = _score(tmp_path, "vqa", refs, preds)
+    assert report["scored"] == 4 and report["bad_references"] == []
+
+
 def _karpathy(tmp_path, with_images=False):
     images = []
     captions = {
@@ -201,7 +226,7 @@ def test_count_intersections_accuracy_per_class(tmp_path):
     scores, report = _score(tmp_path, "count_intersections", refs, preds)
     ns = "count_intersections/test/"
     assert scores == pytest.approx({ns + "accuracy": 2 / 4, ns + "accuracy/0": 1.0, ns + "accuracy/1": 0.5,
-                                    ns + "accuracy/2": 0.0})  # fmt: skip
+                                    ns + "accuracy/2": 0.0, ns + "invalid_rate": 1 / 4})  # fmt: skip
     assert report["missing"] == ["d"] and report["unknown"] == ["x"] and report["bad_references"][0]["id"] == "e"
 
 

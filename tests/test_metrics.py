@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -16,6 +17,7 @@ from pg_finetune.metrics.boxes import (
     box_iou,
     coco_map,
     greedy_match,
+    hits_at,
     iou_matrix,
     match_boxes,
 )
@@ -124,6 +126,10 @@ def test_vqa_scores_mean_and_answer_types():
     assert vqa_scores([], []) == {"accuracy": 0.0}
     with pytest.raises(ValueError):
         vqa_accuracy("x", [])
+    for answers in (["cat"], ["cat", "cat"]):  # a correct answer would score 0 and 1/3: refused
+        with pytest.raises(ValueError, match="at least 3.*--benchmark vqa"):
+            vqa_accuracy("cat", answers)
+    assert vqa_accuracy("cat", ["cat"] * 3) == pytest.approx(2 / 3)  # by hand: 2 of 3 left each time
 
 
 # ---- boxes -----------------------------------------------------------------------------------------
@@ -152,6 +158,44 @@ def test_hungarian_matching_beats_greedy():
     assert accuracy_at(match_boxes(predicted, truth), 0.5) == 1.0
     # More truth than predictions: the unmatched box scores 0.
     assert match_boxes([(0, 0, 10, 10)], truth) == pytest.approx([1.0, 0.0])
+
+
+def _max_matching_brute_force(predicted, truth, threshold) -> int:
+    """Largest number of disjoint (prediction, truth) pairs with IoU >= threshold, by trying every
+    injection of the smaller side into the larger (IoU by hand, not through our code)."""
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+        return w * h / union if union > 0 else 0.0
+
+    small, large = (predicted, truth) if len(predicted) <= len(truth) else (truth, predicted)
+    best = 0
+    for picked in itertools.permutations(range(len(large)), len(small)):
+        best = max(best, sum(iou(small[i], large[j]) >= threshold for i, j in enumerate(picked)))
+    return best
+
+
+def test_hits_at_is_a_maximum_matching_among_pairs_over_the_threshold():
+    # By hand (y 0..10 everywhere): IoU(P1,G1) = .4, IoU(P2,G1) = 70/130 = .538, IoU(P2,G2) = 30/170.
+    truth = [(0, 0, 10, 10), (10, 0, 20, 10)]
+    predicted = [(0, 0, 10, 4), (3, 0, 13, 10)]
+    assert match_boxes(predicted, truth) == pytest.approx([0.4, 30 / 170])  # the largest total IoU
+    assert hits_at(predicted, truth, 0.5) == 1  # ... holds no pair >= .5, yet P2-G1 is a hit
+    assert hits_at(predicted, truth, 0.3) == 1  # P1 and P2 both want G1 at .3: still one
+    assert hits_at(predicted, truth, 0.1) == 2
+    assert hits_at([], truth, 0.5) == hits_at(predicted, [], 0.5) == 0
+    # Random scenes against a brute-force maximum matching.
+    rng = random.Random(0)
+    for _ in range(300):
+        def box():
+            x, y = rng.uniform(0, 20), rng.uniform(0, 20)
+            return (x, y, x + rng.uniform(1, 10), y + rng.uniform(1, 10))
+
+        preds = [box() for _ in range(rng.randint(0, 4))]
+        gts = [box() for _ in range(rng.randint(0, 4))]
+        for t in (0.1, 0.3, 0.5):
+            assert hits_at(preds, gts, t) == _max_matching_brute_force(preds, gts, t)
 
 
 def test_coco_map_by_hand():
@@ -247,8 +291,10 @@ def test_caption_scores_equal_pycocoevalcaps_own_pipeline():
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    predictions = [c for c in CAPTIONS if c]
-    references = [r for c, r in zip(CAPTIONS, REFERENCES, strict=True) if c]
+    # The empty caption stays in: pycocoevalcap scores it as a zero-length hypothesis (BLEU's
+    # brevity penalty sees it), so replacing it by a placeholder token changes corpus BLEU-4.
+    predictions, references = CAPTIONS, REFERENCES
+    assert "" in predictions
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({k: [{"caption": r} for r in refs] for k, refs in enumerate(references)})
     res = tokenizer.tokenize({k: [{"caption": p}] for k, p in enumerate(predictions)})
@@ -259,6 +305,30 @@ def test_caption_scores_equal_pycocoevalcaps_own_pipeline():
     }
     assert caption_scores(predictions, references, tokenizer="ptb") == pytest.approx(expected)
     assert resolve_tokenizer("auto") == "ptb"
+
+
+def test_an_empty_caption_is_a_zero_length_hypothesis_for_bleu():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    # Twelve captions, one empty, already lower-case without punctuation (both tokenizers leave them).
+    predictions = ["a man riding a horse", "a dog with a ball", "two people on a beach", "a red car",
+                   "a cat on a mat", "", "a plate of food", "a bus on a street", "a man with a kite",
+                   "a bird on a branch", "a woman holding an umbrella", "a train at a station"]  # fmt: skip
+    references = [[p + " today", "the " + p] if p else ["a group of sheep in a field"] for p in predictions]
+    gts = dict(enumerate(references))
+    res = {k: [p] for k, p in enumerate(predictions)}  # pycocoevalcap keeps '' as it is
+    expected = {
+        "cider": Cider().compute_score(gts, res)[0],
+        "bleu4": Bleu(4).compute_score(gts, res, verbose=0)[0][3],
+        "rouge_l": Rouge().compute_score(gts, res)[0],
+    }
+    assert caption_scores(predictions, references, tokenizer="simple") == pytest.approx(expected)
+    # The old placeholder token is a 1-token hypothesis: a longer candidate corpus, a milder brevity
+    # penalty, a higher BLEU-4.
+    placeholder = {**res, 5: ["<empty>"]}
+    assert Bleu(4).compute_score(gts, placeholder, verbose=0)[0][3] > expected["bleu4"]
 
 
 def test_caption_scores_by_hand_and_simple_tokenizer():

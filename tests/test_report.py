@@ -332,7 +332,8 @@ def test_count_confusion_matrix_counts_are_right():
             ("1", "1"),
             ("2", "1"),
             ("2", "two"),
-            ("2", "none"),
+            ("2", "many"),
+            ("2", "none"),  # none = 0, as VQA's number words
             ("1", "3"),
         ]
     ]
@@ -345,6 +346,7 @@ def test_count_confusion_matrix_counts_are_right():
         ("2", "1"): 1,
         ("2", "2"): 1,
         ("2", "other"): 1,
+        ("2", "0"): 1,
         ("1", "3"): 1,
     }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from eval.benchmarks.base import Benchmark, Scored, ScoreOptions, load_jsonl_records
 from pg_finetune.data import RecordDataset
-from pg_finetune.metrics.counting import count_accuracy, parse_count
+from pg_finetune.metrics.counting import count_accuracy, read_count
 
 DEFAULT_SOURCE = "data/count_intersections"
 
@@ -34,10 +34,10 @@ def reference(record: dict) -> str:
         raise KeyError("no 'count' (or 'suffix') field")
     if isinstance(count, bool) or not isinstance(count, int | str):
         raise ValueError(f"'count' must be an integer, got {count!r}")
-    label = parse_count(str(count))
-    if not label.isdigit():
-        raise ValueError(f"'count' must be an integer, got {count!r}")
-    return label
+    label = read_count(str(count))
+    if label is None:
+        raise ValueError(f"'count' must be a non-negative integer, got {count!r}")
+    return str(label)
 
 
 def score(predictions: Sequence[str], references: Sequence[str], options: ScoreOptions) -> Scored:

@@ -8,7 +8,9 @@ human answers, strings or `{"answer": ...}` dicts), optionally `answer_type`. Pr
 `answer en {question}` unless the record has a `prefix`.
 Metrics: accuracy (official: answer normalisation, then the mean over the 10 leave-one-out subsets
 of min(#matching humans / 3, 1)), and accuracy/<answer type> (yes_no, number, other) when records
-carry `answer_type`.
+carry `answer_type`. A record with fewer than 3 answers is refused (listed in report.json's
+`bad_references` with the reason): the formula would score a correct answer against one reference
+0. Score such data with `--benchmark vqa` (exact match).
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from eval.benchmarks.base import Benchmark, Scored, ScoreOptions, text_references
-from pg_finetune.metrics.vqa import vqa_scores
+from pg_finetune.metrics.vqa import too_few_answers, vqa_scores
 
 
 def reference(record: dict) -> dict:
     answer_type = record.get("answer_type")
     if answer_type is not None and not isinstance(answer_type, str):
         raise ValueError(f"'answer_type' must be a string, got {answer_type!r}")
-    return {"answers": text_references(record, "answers"), "answer_type": answer_type}
+    answers = text_references(record, "answers")
+    problem = too_few_answers(len(answers))
+    if problem:  # refused by record, listed in report.json's bad_references: never a silent 0
+        raise ValueError(problem)
+    return {"answers": answers, "answer_type": answer_type}
 
 
 def score(predictions: Sequence[str], references: Sequence[dict], options: ScoreOptions) -> Scored:

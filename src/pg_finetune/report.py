@@ -270,13 +270,16 @@ def confusion_matrix(rows: Sequence[dict]) -> tuple[list[str], list[str], Counte
     Labels are counts as digits (parsed as the task scores them); a prediction holding no number
     is counted under "other".
     """
-    from pg_finetune.tasks.count import parse_count
+    from pg_finetune.metrics.counting import read_count
+
+    def label(text: str) -> str:
+        count = read_count(text)
+        return "other" if count is None else str(count)
 
     cells: Counter = Counter()
     for row in rows:
-        truth = parse_count(str(row["references"][0])) if row["references"] else "other"
-        predicted = parse_count(row["prediction"])
-        cells[(truth, predicted if predicted.isdigit() else "other")] += 1
+        truth = label(str(row["references"][0])) if row["references"] else "other"
+        cells[(truth, label(row["prediction"]))] += 1
 
     def order(label: str) -> tuple[int, int | str]:
         return (0, int(label)) if label.isdigit() else (1, label)

@@ -1,8 +1,12 @@
 """Box metrics: IoU, one-to-one matching (Hungarian, and greedy for comparison), and COCO mAP.
 
-Boxes are pixel (x1, y1, x2, y2). `match_boxes` pairs predictions with ground truth so that the
-total IoU is largest (`scipy.optimize.linear_sum_assignment`); a greedy match (best pair first)
-can pair a prediction with the wrong box and lose a match, see `tests/test_metrics.py`.
+Boxes are pixel (x1, y1, x2, y2). Two matchings, each for its own number:
+- `match_boxes` pairs predictions with ground truth so that the total IoU is largest
+  (`scipy.optimize.linear_sum_assignment`): the IoU each ground-truth box gets, for mIoU; a greedy
+  match (best pair first) can pair a prediction with the wrong box and lose a match, see
+  `tests/test_metrics.py`.
+- `hits_at` counts hits at a threshold t: the largest one-to-one matching among the pairs with
+  IoU >= t, for acc@t, precision@t and recall@t.
 
 `coco_map` runs pycocotools' `COCOeval` on a `COCO` object built in memory (no files), with
 the standard settings: IoU thresholds 0.50:0.05:0.95, 101 recall points, up to 100 detections
@@ -50,6 +54,20 @@ def match_boxes(predicted: Sequence[Box], truth: Sequence[Box]) -> list[float]:
     for r, c in zip(rows, cols, strict=True):
         ious[c] = float(matrix[r, c])
     return ious
+
+
+def hits_at(predicted: Sequence[Box], truth: Sequence[Box], threshold: float) -> int:
+    """Largest number of one-to-one (prediction, ground truth) pairs with IoU >= threshold.
+
+    A maximum matching among the pairs that clear the threshold, found on its own: the matching
+    that maximises total IoU (`match_boxes`) can spend a box on a low-IoU pair and lose a hit
+    (IoUs P1-G1 0.4, P2-G1 0.54, P2-G2 0.18: the largest total pairs P2 with G2, no pair >= 0.5).
+    """
+    if not predicted or not truth:
+        return 0
+    hits = (iou_matrix(predicted, truth) >= threshold).astype(float)
+    rows, cols = linear_sum_assignment(hits, maximize=True)
+    return int(hits[rows, cols].sum())
 
 
 def greedy_match(predicted: Sequence[Box], truth: Sequence[Box]) -> list[float]:

@@ -91,8 +91,9 @@ def _scorer_inputs(
 ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     """(gts, res) as pycocoevalcap's scorers take them, tokenized; callers handle the empty case.
 
-    An empty prediction becomes the token `<empty>` (pycocoevalcap's BLEU refuses an empty
-    hypothesis list); it matches no reference, so it scores as wrong.
+    An empty prediction stays the empty string, as pycocoevalcap's own pipeline leaves it after
+    PTB tokenization: BLEU scores it as a zero-length hypothesis (it adds to the corpus brevity
+    penalty), CIDEr-D and ROUGE-L as 0.
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
@@ -103,7 +104,7 @@ def _scorer_inputs(
     # One tokenizer call for predictions and references together: java starts once.
     both = tokenize({**{("res", i): [p] for i, p in enumerate(predictions)},
                      **{("gts", i): list(r) for i, r in enumerate(references)}}, tokenizer)  # fmt: skip
-    res = {i: [both[("res", i)][0] or "<empty>"] for i in range(n)}
+    res = {i: [both[("res", i)][0]] for i in range(n)}
     gts = {i: both[("gts", i)] for i in range(n)}
     return gts, res
 

@@ -96,11 +96,29 @@ def answer_strings(answers: Sequence[str | dict]) -> list[str]:
     return [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
 
 
+MIN_ANSWERS = 3  # min(#matches / 3, 1): below three answers even a correct prediction cannot score 1
+
+
+def too_few_answers(count: int) -> str | None:
+    """Why `count` human answers cannot be scored by VQA accuracy (None when they can)."""
+    if count >= MIN_ANSWERS:
+        return None
+    return (
+        f"{count} human answer{'s' if count != 1 else ''}: VQA accuracy is min(#matching answers / 3, 1) over "
+        f"leave-one-out subsets and needs at least {MIN_ANSWERS} (VQAv2 has 10), else a correct prediction "
+        "scores at most (n - 1) / 3; score such data with exact match (--benchmark vqa)"
+    )
+
+
 def vqa_accuracy(prediction: str, answers: Sequence[str | dict]) -> float:
-    """Official VQA accuracy of one prediction against its human answers (usually 10), in 0..1."""
+    """Official VQA accuracy of one prediction against its human answers (usually 10), in 0..1.
+
+    Raises ValueError for fewer than 3 answers (`too_few_answers`): the formula would score a
+    correct prediction against a single reference 0, without a word."""
     humans = answer_strings(answers)
-    if not humans:
-        raise ValueError("VQA accuracy needs at least one human answer")
+    problem = too_few_answers(len(humans))
+    if problem:
+        raise ValueError(problem)
     if len(set(humans)) > 1:
         humans = [process_punctuation(a) for a in humans]
     predicted = normalize_prediction(prediction)

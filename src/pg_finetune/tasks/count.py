@@ -2,10 +2,12 @@
 
 Prefix `count the intersections`, suffix the count as digits (`"2"`); records made by
 `data_prep/make_count_intersections.py` also carry the count as an int in `count`, the reference field.
-The parser keeps the first integer in the output, written as digits or as a word zero..ten
-(`"there are two"` -> `"2"`); text without one is kept stripped and scores as wrong.
+The parser reads an output that is, as a whole, one non-negative integer (digits, or a word
+zero..ten / none, surrounding spaces and punctuation ignored: `" Two."` -> `"2"`); anything else
+(`"-1"`, `"1.5"`, `"3 or 4"`, `"there are two"`) is kept stripped and scores as wrong
+(`pg_finetune.metrics.counting`).
 Metrics: `accuracy`, then `accuracy/<count>` for every count present in the references, so that
-always answering the majority count is not mistaken for counting.
+always answering the majority count is not mistaken for counting, and `invalid_rate` (malformed answers).
 """
 
 from __future__ import annotations

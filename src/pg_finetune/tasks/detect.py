@@ -5,12 +5,13 @@ location-token format lives in `pg_finetune.loc`. Parsing needs the image size, 
 `parse` only strips the text and `references(record)` packs the ground truth and the
 image size into one JSON string, which `score` decodes.
 
-Scoring matches predictions to ground truth one-to-one per image and label with the
-Hungarian algorithm on IoU (a greedy match can pair a prediction with the wrong box
-and lose a match). Metrics, pooled over all ground-truth boxes / predictions:
-miou (IoU of each GT box with its match, 0 when unmatched), acc@0.5 (RefCOCO-style:
-fraction of GT boxes matched at IoU >= 0.5; equals recall@0.5 under one-to-one
-matching), acc@0.75, precision@0.5, recall@0.5, and invalid_rate (malformed segments / segments).
+Scoring matches predictions to ground truth one-to-one per image and label. Metrics,
+pooled over all ground-truth boxes / predictions:
+miou (IoU of each GT box with its match in the matching of largest total IoU, Hungarian;
+0 when unmatched); at a threshold t, the hits are a maximum one-to-one matching among the
+pairs with IoU >= t (`metrics.boxes.hits_at`: the largest-total-IoU matching can lose a hit):
+acc@0.5 (RefCOCO-style: hits / GT boxes; equals recall@0.5), acc@0.75, precision@0.5
+(hits / predicted boxes), recall@0.5, and invalid_rate (malformed segments / segments).
 IoU and matching live in `pg_finetune.metrics.boxes`; the eval suite adds COCO mAP
 (`evaluate_detections(..., with_map=True)`).
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from pg_finetune.loc import DETECT_PREFIX, ParseResult, detect_prefix, format_detections, parse_detections
-from pg_finetune.metrics.boxes import ImageBoxes, accuracy_at, box_iou, coco_map, match_boxes
+from pg_finetune.metrics.boxes import ImageBoxes, box_iou, coco_map, hits_at, match_boxes
 from pg_finetune.tasks.base import Task
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
     "evaluate_detections", "make_prefix", "make_suffix", "match_boxes", "shuffle_objects",
 ]  # fmt: skip
 
-IOU_THRESHOLD = 0.5
+IOU_THRESHOLDS = (0.5, 0.75)  # acc@t for each; precision and recall at the first
 T = TypeVar("T")
 
 
@@ -173,7 +174,7 @@ def evaluate_detections(
         return DetectionEvaluation(zeros, [])
     all_ious: list[float] = []
     n_predicted = n_segments = n_malformed = 0
-    n_hits = 0
+    hits = dict.fromkeys(IOU_THRESHOLDS, 0)
     images: list[ImageDetections] = []
     map_inputs: list[ImageBoxes] = []
     for text, ref in zip(texts, references, strict=True):
@@ -186,10 +187,12 @@ def evaluate_detections(
         for label in set(labels):
             where = [k for k, lab in enumerate(labels) if lab == label]
             predicted = [d.box for d in parsed.detections if d.label == label]
-            for k, iou in zip(where, match_boxes(predicted, [ref["boxes"][k] for k in where]), strict=True):
+            truth = [ref["boxes"][k] for k in where]
+            for k, iou in zip(where, match_boxes(predicted, truth), strict=True):
                 truth_ious[k] = iou
+            for t in IOU_THRESHOLDS:
+                hits[t] += hits_at(predicted, truth, t)
         all_ious += truth_ious
-        n_hits += sum(iou >= IOU_THRESHOLD for iou in truth_ious)
         images.append(ImageDetections(parsed, truth_ious))
         if with_map:
             dets = parsed.detections
@@ -203,12 +206,12 @@ def evaluate_detections(
     n_truth = len(all_ious)
     # Nothing to find and nothing predicted is a perfect answer, not a division by zero.
     nothing = float(n_predicted == 0)
-    recall = n_hits / n_truth if n_truth else nothing
+    recall = hits[0.5] / n_truth if n_truth else nothing
     metrics = {
         "miou": sum(all_ious) / n_truth if n_truth else nothing,
         "acc@0.5": recall,
-        "acc@0.75": accuracy_at(all_ious, 0.75) if n_truth else nothing,
-        "precision@0.5": n_hits / n_predicted if n_predicted else float(n_truth == 0),
+        "acc@0.75": hits[0.75] / n_truth if n_truth else nothing,
+        "precision@0.5": hits[0.5] / n_predicted if n_predicted else float(n_truth == 0),
         "recall@0.5": recall,
         "invalid_rate": n_malformed / n_segments if n_segments else 0.0,
     }
