@@ -106,10 +106,11 @@ def test_state_machine_walks_hand_written_sequences(tokenizer):
     locs = [_loc(t, b) for b in range(1024)]
     eos, pad = t.eos_token_id, t.pad_token_id
     box = [locs[5], locs[7], locs[9], locs[11]]
-    assert _allowed_after(c, []) == set(locs) | {eos}  # a box, or the empty answer
-    assert _allowed_after(c, box[:1]) == set(locs)
-    assert _allowed_after(c, box[:2]) == set(locs[5:])  # y2 >= y1
-    assert _allowed_after(c, box[:3]) == set(locs[7:])  # x2 >= x1
+    # y1 and x1 stop short of 1023: a box needs y2 > y1 and x2 > x1 (big_vision's evaluator)
+    assert _allowed_after(c, []) == set(locs[:1023]) | {eos}  # a box, or the empty answer
+    assert _allowed_after(c, box[:1]) == set(locs[:1023])
+    assert _allowed_after(c, box[:2]) == set(locs[6:])  # y2 > y1
+    assert _allowed_after(c, box[:3]) == set(locs[8:])  # x2 > x1
     assert _allowed_after(c, box) == set(_ids(t, "▁"))
     walk = {
         ("▁",): {"c"}, ("▁", "c"): {"at", "a"}, ("▁", "c", "at"): {"<eos>"},
@@ -120,11 +121,14 @@ def test_state_machine_walks_hand_written_sequences(tokenizer):
     for pieces, expected in walk.items():
         assert _allowed_after(c, box + _ids(t, *pieces)) == set(_ids(t, *expected)), pieces
     after_separator = box + _ids(t, "▁", "c", "a", "t▁", ";▁")
-    assert _allowed_after(c, after_separator) == set(locs)  # no eos after ` ; `
-    assert _allowed_after(c, after_separator + box[:2]) == set(locs[5:])  # the second box is checked too
+    assert _allowed_after(c, after_separator) == set(locs[:1023])  # no eos after ` ; `
+    assert _allowed_after(c, after_separator + box[:2]) == set(locs[6:])  # the second box is checked too
     # Forbidden tokens (inverted box, text where a box must be) end the row: only eos/pad follow.
     trie = c.tries[0]
     assert c.state_of(trie, [locs[9], locs[7], locs[5]]) == DONE_STATE
+    assert c.state_of(trie, [locs[9], locs[7], locs[9]]) == DONE_STATE  # zero height
+    assert c.state_of(trie, [locs[9], locs[7], locs[10], locs[7]]) == DONE_STATE  # zero width
+    assert c.state_of(trie, [locs[1023]]) == DONE_STATE  # no y2 can exceed it
     assert c.state_of(trie, _ids(t, "▁")) == DONE_STATE
     assert _allowed_after(c, [eos]) == {eos, pad}
 
@@ -132,7 +136,7 @@ def test_state_machine_walks_hand_written_sequences(tokenizer):
 @pytest.mark.parametrize("labels", [["cat", "cat food"], ["circle", "red circle", "triangle"], ["gray square"]])
 def test_every_training_suffix_is_accepted(tokenizer, labels):
     c = _constraint(tokenizer, ["detect " + " ; ".join(labels)])
-    boxes = [(0, 0, 64, 64), (3, 5, 40, 33), (10, 10, 10, 10)]
+    boxes = [(0, 0, 64, 64), (3, 5, 40, 33), (10, 10, 10.5, 10.5)]  # the last: 8 bins wide
     for n in range(1, 4):
         for chosen in itertools.product(labels, repeat=n):
             suffix = format_detections(list(zip(boxes, chosen, strict=False)), 64, 64)
@@ -147,7 +151,7 @@ def test_length_budget_leaves_room_to_finish(tokenizer):
     c = _constraint(t, ["detect cat ; cat food"])
     # One object is 4 locations + ` cat` (3 tokens) + eos = 8 tokens.
     assert _allowed_after(c, [], max_new_tokens=7) == {t.eos_token_id}
-    assert _allowed_after(c, [], max_new_tokens=8) == set(locs) | {t.eos_token_id}
+    assert _allowed_after(c, [], max_new_tokens=8) == set(locs[:1023]) | {t.eos_token_id}
     # After 4 locs + `▁ c a t▁` (8 tokens): `fo o d eos` needs 4 more, `;▁` + a whole ` cat` object 9.
     prefix = locs[:4] + _ids(t, "▁", "c", "a", "t▁")
     assert _allowed_after(c, prefix, max_new_tokens=16) == set(_ids(t, "fo"))
@@ -316,7 +320,7 @@ def test_a_row_is_never_left_without_a_token(tokenizer):
     """Past the announced max_new_tokens (a caller's longer limit) a row mid-label may only stop."""
     t = tokenizer
     c = _constraint(t, ["detect circle"], max_new_tokens=6, prompt_length=0)
-    tokens = [_loc(t, 1)] * 4 + _ids(t, "▁", "ci", "r")  # 7 tokens: one more than announced
+    tokens = [_loc(t, b) for b in (1, 1, 2, 2)] + _ids(t, "▁", "ci", "r")  # 7 tokens: one more than announced
     masked = c(torch.tensor([tokens]), torch.zeros(1, len(t)))
     assert torch.isfinite(masked[0]).nonzero().flatten().tolist() == [t.eos_token_id]
     with pytest.raises(ValueError, match="1024 distinct"):

@@ -23,12 +23,15 @@ def test_num_bins():
 
 
 def test_encode_value_by_hand():
-    # 320 / 640 * 1023 = 511.5 -> floor(511.5 + 0.5) = 512
+    # Exact halves round to even, as big_vision's tf.round (banker's rounding) does:
+    # 320 / 640 * 1023 = 511.5 -> 512 (even)
     assert encode_value(320, 640) == 512
-    # 5 / 2046 * 1023 = 2.5 -> floor(3.0) = 3 (Python's round(2.5) would give 2)
-    assert encode_value(5, 2046) == 3
-    # 1021 / 2046 * 1023 = 510.5 -> 511 (round(510.5) would give 510)
-    assert encode_value(1021, 2046) == 511
+    # 5 / 2046 * 1023 = 2.5 -> 2 (even; half-up would give 3)
+    assert encode_value(5, 2046) == 2
+    # 1021 / 2046 * 1023 = 510.5 -> 510 (even; half-up would give 511)
+    assert encode_value(1021, 2046) == 510
+    # 7 / 2046 * 1023 = 3.5 -> 4 (even)
+    assert encode_value(7, 2046) == 4
     # 100 / 480 * 1023 = 213.125 -> 213
     assert encode_value(100, 480) == 213
     # 0.4 / 1023 * 1023 = 0.4 -> 0
@@ -180,8 +183,14 @@ def test_parse_only_garbage():
     assert result.malformed == 3
 
 
-def test_parse_degenerate_box_is_kept():
-    # y1 == y2 and x1 == x2 is a zero-area box, not an inverted one.
-    result = parse_detections("<loc0005><loc0005><loc0005><loc0005> dot", 1023, 1023)
-    assert result.malformed == 0
-    assert result.detections[0].box == pytest.approx((5.0, 5.0, 5.0, 5.0))
+@pytest.mark.parametrize(
+    "text",
+    ["<loc0005><loc0005><loc0005><loc0005> dot", "<loc0005><loc0001><loc0005><loc0009> line",
+     "<loc0001><loc0005><loc0009><loc0005> line"],
+)  # fmt: skip
+def test_parse_zero_size_box_is_malformed(text):
+    # big_vision's segmentation/detection evaluator: valid only when y2 > y1 and x2 > x1.
+    result = parse_detections(text, 1023, 1023)
+    assert result.detections == [] and result.malformed == 1
+    assert result.problems[0].startswith("zero-size box")
+    assert parse_detections("<loc0005><loc0005><loc0006><loc0006> dot", 1023, 1023).malformed == 0

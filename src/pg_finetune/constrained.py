@@ -1,12 +1,12 @@
 """Constrained decoding for detection: every output parses as `<loc>x4 label ( ; <loc>x4 label )*`.
 
 The grammar is PaliGemma's detection target (`pg_finetune.loc`): four `<locNNNN>` tokens
-(y1, x1, y2, x2 with y1 <= y2 and x1 <= x2), a space and one of the labels the prompt
+(y1, x1, y2, x2 with y1 < y2 and x1 < x2: big_vision's evaluator refuses a zero-size box), a space and one of the labels the prompt
 `detect a ; b` names, then either ` ; ` and the next object, or `<eos>`; `<eos>` straight
 away is the empty answer. A `transformers.LogitsProcessor` walks a small state machine
 per generated row and sets every token the grammar forbids to -inf:
 
-    start --loc--> loc1 --loc--> loc2 --loc>=y1--> loc3 --loc>=x1--> label trie root
+    start --loc<1023--> loc1 --loc<1023--> loc2 --loc>y1--> loc3 --loc>x1--> label trie root
     start --eos--> done
     trie node --child token--> trie node;  end of " label" --eos--> done
     end of " label ; " --> loc0 (a location token must follow; no <eos> after " ; ")
@@ -38,6 +38,7 @@ from pg_finetune.loc import NUM_BINS, OBJECT_SEPARATOR, loc_token
 from pg_finetune.tasks.detect import prefix_classes
 
 BOX_TOKENS = 4  # y1, x1, y2, x2
+_LAST_BIN = NUM_BINS - 1
 
 # Row states: (phase, step, y1, x1). step is the loc tokens read (LOC) or the trie node (LABEL).
 START, LOC, LABEL, DONE = 0, 1, 2, 3
@@ -213,12 +214,12 @@ class DetectionConstraint(LogitsProcessor):
             if b is None:
                 return DONE_STATE  # eos from START, or a forbidden token
             if step == 0:
-                return (LOC, 1, b, 0)
+                return (LOC, 1, b, 0) if b < _LAST_BIN else DONE_STATE
             if step == 1:
-                return (LOC, 2, y1, b)
+                return (LOC, 2, y1, b) if b < _LAST_BIN else DONE_STATE
             if step == 2:
-                return (LOC, 3, y1, x1) if b >= y1 else DONE_STATE
-            return (LABEL, 0, 0, 0) if b >= x1 else DONE_STATE
+                return (LOC, 3, y1, x1) if b > y1 else DONE_STATE
+            return (LABEL, 0, 0, 0) if b > x1 else DONE_STATE
         child = trie.children[step].get(token)
         if child is None:
             return DONE_STATE  # eos after a label, or a forbidden token
@@ -245,8 +246,9 @@ class DetectionConstraint(LogitsProcessor):
             return ids
         # START or LOC: after this loc token, BOX_TOKENS - step - 1 locs and a label are still due.
         locs_fit = BOX_TOKENS - step - 1 + trie.dist[0] <= budget
-        lower = y1 if step == 2 else x1 if step == 3 else 0
-        ids = self.loc_ids[lower:] if locs_fit else self.loc_ids[:0]
+        # y1 and x1 leave room for a larger y2 and x2; y2 > y1 and x2 > x1 (no zero-size box)
+        lower, upper = (y1 + 1, NUM_BINS) if step == 2 else (x1 + 1, NUM_BINS) if step == 3 else (0, _LAST_BIN)
+        ids = self.loc_ids[lower:upper] if locs_fit else self.loc_ids[:0]
         if phase == START:
             ids = torch.cat([ids, self.eos_ids])
         return ids

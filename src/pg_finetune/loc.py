@@ -4,7 +4,9 @@ Conventions fixed by the model (see big_vision `pp/proj/paligemma/segmentation.p
 `evaluators/proj/paligemma/transfers/segmentation.py`):
 
 - 1024 bins per axis, a coordinate v in an image of side `size` is binned as
-  `round(v / size * 1023)` clipped to 0..1023 and decoded as `bin / 1023 * size`.
+  `round(v / size * 1023)` (halves to even, as `tf.round`) clipped to 0..1023 and decoded as
+  `bin / 1023 * size`. A box must have y1 < y2 and x1 < x2 to be valid: big_vision's evaluator
+  refuses a zero height or width.
   Multiplying by 1024 (as some community code does) can emit `<loc1024>`, which is
   not in the vocabulary.
 - y comes before x inside a box; objects are joined with ` ; `; the prompt is `detect a ; b`.
@@ -17,7 +19,6 @@ Conventions fixed by the model (see big_vision `pp/proj/paligemma/segmentation.p
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -38,11 +39,12 @@ def _check_size(size: float) -> None:
 def encode_value(v: float, size: float) -> int:
     """Bin a pixel coordinate: `round(v / size * 1023)`, clipped to 0..1023.
 
-    Rounding is floor(x + 0.5), so exact halves round up (Python's `round` would send
-    511.5 and 512.5 both to 512). A coordinate equal to `size` gives 1023, never 1024.
+    Exact halves round to even, as big_vision's `tf.round` does in `refcoco_mask2str`
+    (`pp/proj/paligemma/segmentation.py`): 511.5 -> 512, 510.5 -> 510. A coordinate equal
+    to `size` gives 1023, never 1024.
     """
     _check_size(size)
-    return min(max(math.floor(v / size * _MAX_BIN + 0.5), 0), _MAX_BIN)
+    return min(max(round(v / size * _MAX_BIN), 0), _MAX_BIN)
 
 
 def decode_value(b: int, size: float) -> float:
@@ -162,6 +164,8 @@ def _parse_segment(
     y1, x1, y2, x2 = bins = tuple(int(raw) for raw in raw_bins)
     if y2 < y1 or x2 < x1:
         return None, f"inverted box y1={y1} x1={x1} y2={y2} x2={x2}"
+    if y2 == y1 or x2 == x1:  # big_vision's evaluator: valid only when y2 > y1 and x2 > x1
+        return None, f"zero-size box y1={y1} x1={x1} y2={y2} x2={x2}"
     if allowed is not None and label not in allowed:
         return None, f"label {label!r} not among {sorted(allowed)}"
     return Detection(box=decode_box(bins, width, height), label=label, bins=bins), None
@@ -173,7 +177,7 @@ def parse_detections(
     """Tolerantly parse model output into detections, counting what does not parse.
 
     A well-formed `;`-separated segment is exactly four `<locNNNN>` tokens (four digits,
-    0..1023, y1 <= y2 and x1 <= x2) followed by a non-empty label (in `allowed_labels`
+    0..1023, y1 < y2 and x1 < x2) followed by a non-empty label (in `allowed_labels`
     when given). Anything else is counted in `malformed`, with a reason in `problems`,
     instead of raising: a model's output is data, not a contract. Empty segments (an
     empty output, a trailing ` ;`) are skipped and not counted.
