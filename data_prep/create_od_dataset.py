@@ -16,7 +16,24 @@ Writes `OUT/{split}.jsonl` (one line per image) and `OUT/{split}_summary.json`:
 `image` is relative to the JSONL file (the original file, via os.path.relpath, or a copy under
 `OUT/images/` with --copy-images; hf images are always written as PNG under `OUT/images/`), so
 `pg_finetune.data.load_records("OUT/train.jsonl")` reads the output as it is. `boxes` are pixel
-x1, y1, x2, y2 in the image file's size.
+x1, y1, x2, y2 in the frame the model sees, and `width`, `height` that frame's size.
+
+That frame is the upright one: training opens images with PIL's `ImageOps.exif_transpose`, so a
+photo tagged EXIF orientation 2-8 is flipped or rotated first (5-8 swap width and height). A copy
+made by --copy-images keeps its tag; training applies it the same way. Which frame each input's
+boxes are in:
+- coco, voc: declare width and height per image. For a tagged file, a declared size equal to the
+  stored (file) size means boxes in the stored frame, moved to the upright frame the way
+  `exif_transpose` moves the pixels ("exif_transposed"); equal to the upright size (only
+  distinguishable for 5-8), boxes already upright, kept. Orientations 2-4 keep the size, so there
+  the stored frame is assumed, as COCO's own annotations and pycocotools (which ignore EXIF) have
+  it; an undeclared size means the stored frame too. A size that fits neither frame is an
+  InputError.
+- yolo: normalized boxes are in the upright frame (ultralytics reads images with EXIF applied) and
+  are scaled by the upright size, never moved.
+- hf: boxes are in the frame of the image as `datasets` decodes it, which is upright (its `Image`
+  feature applies `exif_transpose` since datasets 2.19); the PNG written from those pixels has no
+  EXIF, so training sees the same frame.
 
 Inputs:
 - coco: `images[].file_name` relative to --images; `annotations[].bbox` is x, y, w, h in pixels;
@@ -25,7 +42,9 @@ Inputs:
   to 0..1; class names from a text file (one per line) or a data.yaml `names` (list or {index: name}).
   Images without a label file have no objects.
 - voc: one XML per image (`filename`, `size`, `object/name`, `object/bndbox`); coordinates are
-  taken as written (no 1-based -> 0-based shift).
+  1-based pixel indices, xmin=1 being the first pixel: xmin and ymin lose 1 to become the near
+  edges, xmax and ymax are already the far edges (as Detectron2's pascal_voc loader), so
+  1, 1, W, H is the whole image.
 - hf: a `save_to_disk` directory or a hub id; column `image` and `objects` = {"bbox": [[x, y, w, h],
   ...], "category": [int, ...]} (the COCO-style layout of e.g. `detection-datasets/coco`; pass
   --hf-bbox-format xyxy for x1, y1, x2, y2); class names from the `category` ClassLabel feature.
@@ -36,11 +55,13 @@ unknown category ids ("unknown_category") and COCO crowd boxes ("crowd") are ski
 in --classes-keep (names after --class-map) is skipped ("not_kept"); --max-objects N sorts an
 image's objects by area, largest first (a stable sort: ties keep annotation order), and keeps the
 first N, in that order ("over_max_objects"). An image whose file is missing is skipped and listed
-("missing_images"); one PIL cannot open is skipped and listed ("unreadable_images"). The size
-written is the file's (read from its header, no full decode); when the annotation says otherwise
+("missing_images"); one PIL cannot open (or whose EXIF it cannot read) is skipped and listed
+("unreadable_images"). Sizes and EXIF orientations are read from the file headers, without decoding
+pixels, before anything is written. For an untagged file whose annotation declares another size
 the file wins ("size_mismatch"). Images left without objects are skipped ("no_objects"): training
 needs a non-empty suffix. Errors in the input (bad JSON or XML, a missing field, a YOLO line with
-the wrong number of fields) raise InputError naming the file and the line or annotation id.
+the wrong number of fields, a declared size that fits neither frame of a tagged image) raise
+InputError naming the file and the line, annotation id or image.
 """
 
 from __future__ import annotations
@@ -50,6 +71,7 @@ import json
 import os
 import random
 import shutil
+import struct
 import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -74,10 +96,12 @@ COUNTERS = (
     "over_max_objects",
     "no_objects",
     "size_mismatch",
+    "exif_transposed",  # images written whose boxes were moved from the stored to the upright frame
     "missing_image",
     "unreadable_image",
 )
 MAX_PRINTED_MISSING = 10
+EXIF_ORIENTATION = 0x0112
 
 
 class InputError(ValueError):
@@ -93,6 +117,19 @@ class RawObject:
 
 
 @dataclass
+class FileHeader:
+    """What an image file's header says."""
+
+    size: tuple[int, int]  # width, height as stored: the raw frame
+    orientation: int = 1  # EXIF orientation, 1 when absent or not 1..8 (exif_transpose ignores those)
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """The size after `exif_transpose`, which training applies: 5-8 swap the sides."""
+        return (self.size[1], self.size[0]) if self.orientation >= 5 else self.size
+
+
+@dataclass
 class ImageEntry:
     """One input image and its objects, before clipping and filtering."""
 
@@ -104,6 +141,7 @@ class ImageEntry:
     dropped: Counter = field(default_factory=Counter)  # objects the reader already skipped, by reason
     normalized: bool = False  # YOLO: boxes in 0..1, scaled once the file's size is known
     image: Any = None  # a PIL image (hf)
+    header: FileHeader | str | None = None  # the file's, read once by `file_header`; a str says why not
 
 
 @dataclass
@@ -259,8 +297,12 @@ def read_voc(annotations_dir: Path, images_dir: Path) -> list[ImageEntry]:
                 raise InputError(f"{xml_file}: {where}: missing required field 'name'")
             if box is None:
                 raise InputError(f"{xml_file}: {where}: missing required field 'bndbox'")
-            coords = [_voc_number(box, tag, xml_file, where) for tag in ("xmin", "ymin", "xmax", "ymax")]
-            entry.objects.append(RawObject(tuple(coords), name.strip()))
+            xmin, ymin, xmax, ymax = (
+                _voc_number(box, tag, xml_file, where) for tag in ("xmin", "ymin", "xmax", "ymax")
+            )
+            # 1-based inclusive pixel indices -> 0-based edges: the first pixel, 1, starts at 0 and
+            # the last one, W, ends at W
+            entry.objects.append(RawObject((xmin - 1, ymin - 1, xmax, ymax), name.strip()))
         entries.append(entry)
     return entries
 
@@ -361,17 +403,127 @@ def split_entries(
     }
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_METADATA = (b"eXIf", b"iTXt", b"tEXt", b"zTXt")  # where PIL looks for EXIF and XMP orientation
+
+
+def _png_metadata_after_pixels(path: Path) -> bool:
+    """Whether a PNG has an EXIF or text chunk after its image data (chunk headers only, data skipped)."""
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return False
+        seen_data = False
+        while len(chunk := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", chunk)
+            if kind == b"IEND":
+                break
+            if kind == b"IDAT":
+                seen_data = True
+            elif seen_data and kind in _PNG_METADATA:
+                return True
+            f.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    return False
+
+
+def _orientation(image: Image.Image, path: Path) -> int:
+    if image.format == "PNG" and "exif" not in image.info and not _png_metadata_after_pixels(path):
+        # PIL's PNG getexif() decodes all the pixels to reach chunks that may follow them (~150x
+        # the header read); with none there, the base method reads what the header gave
+        exif = Image.Image.getexif(image)
+    else:
+        exif = image.getexif()  # what exif_transpose reads: EXIF, else an XMP tiff:Orientation
+    orientation = exif.get(EXIF_ORIENTATION, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
+def read_header(path: Path) -> FileHeader | str:
+    """The file's size and EXIF orientation, without decoding pixels; or "missing_image" / "unreadable_image"."""
+    if not path.is_file():
+        return "missing_image"
     try:
-        with Image.open(path) as image:  # reads the header only
-            return image.size
-    except OSError:
+        with Image.open(path) as image:
+            return FileHeader(image.size, _orientation(image, path))
+    except (OSError, ValueError, SyntaxError, EOFError):
+        # a broken EXIF block fails here as in training's exif_transpose, so it counts as unreadable
+        return "unreadable_image"
+
+
+def file_header(entry: ImageEntry) -> FileHeader | str:
+    """`read_header` of the entry's file, read once and kept on the entry."""
+    if entry.header is None:
+        entry.header = read_header(entry.path)
+    return entry.header
+
+
+def _declared_size(entry: ImageEntry) -> tuple[int, int] | None:
+    if entry.width is None or entry.height is None:
         return None
+    return (entry.width, entry.height)
+
+
+def image_frame(entry: ImageEntry, header: FileHeader) -> tuple[int, int, int]:
+    """(width, height, orientation): the upright frame boxes are written in, and the EXIF
+    orientation whose transform takes the entry's boxes there (1: kept as they are).
+
+    See the module docstring; raises InputError when a tagged image's declared size fits neither frame.
+    """
+    width, height = header.upright_size
+    if header.orientation == 1 or entry.normalized:  # YOLO labels are upright already
+        return width, height, 1
+    declared = _declared_size(entry)
+    if declared is None or declared == header.size:  # 2-4: stored and upright sizes are equal
+        return width, height, header.orientation
+    if declared == header.upright_size:
+        return width, height, 1
+    raise InputError(
+        f"{entry.path}: EXIF orientation {header.orientation}, and the annotation declares "
+        f"{declared[0]} x {declared[1]}, which is neither the stored frame {header.size[0]} x "
+        f"{header.size[1]} nor the upright frame {width} x {height} (what training sees), so the frame "
+        "of its boxes is unknown; fix the declared width and height"
+    )
+
+
+def upright_box(
+    box: tuple[float, float, float, float], orientation: int, width: int, height: int
+) -> tuple[float, float, float, float]:
+    """A box in a file's stored frame (`width` x `height`) -> the same pixels after `exif_transpose`.
+
+    Each corner maps like the pixels; an inverted box (x2 < x1) stays inverted, to be skipped later.
+    """
+    x1, y1, x2, y2 = box
+    w, h = width, height
+    return {
+        1: (x1, y1, x2, y2),
+        2: (w - x2, y1, w - x1, y2),  # FLIP_LEFT_RIGHT: (x, y) -> (w - x, y)
+        3: (w - x2, h - y2, w - x1, h - y1),  # ROTATE_180: (x, y) -> (w - x, h - y)
+        4: (x1, h - y2, x2, h - y1),  # FLIP_TOP_BOTTOM: (x, y) -> (x, h - y)
+        5: (y1, x1, y2, x2),  # TRANSPOSE: (x, y) -> (y, x)
+        6: (h - y2, x1, h - y1, x2),  # ROTATE_270, a quarter turn clockwise: (x, y) -> (h - y, x)
+        7: (h - y2, w - x2, h - y1, w - x1),  # TRANSVERSE: (x, y) -> (h - y, w - x)
+        8: (y1, w - x2, y2, w - x1),  # ROTATE_90, a quarter turn anticlockwise: (x, y) -> (y, w - x)
+    }[orientation]
+
+
+def check_frames(entries: list[ImageEntry], quiet: bool = False) -> list[str]:
+    """Read every image file's header (kept for `convert`); one message per image `image_frame` refuses."""
+    messages = []
+    for entry in tqdm(entries, desc="image headers", disable=quiet):
+        if entry.image is not None:
+            continue
+        header = file_header(entry)
+        if isinstance(header, FileHeader):
+            try:
+                image_frame(entry, header)
+            except InputError as err:
+                messages.append(str(err))
+    return messages
 
 
 def _select_objects(
-    entry: ImageEntry, width: int, height: int, options: Options, counts: Counter
+    entry: ImageEntry, width: int, height: int, orientation: int, options: Options, counts: Counter
 ) -> list[tuple[tuple[float, float, float, float], str]]:
+    """The entry's boxes in the `width` x `height` upright frame, after `orientation`'s transform."""
+    stored = (height, width) if orientation >= 5 else (width, height)
     kept = []
     for obj in entry.objects:
         label = options.class_map.get(obj.label, obj.label)
@@ -381,6 +533,8 @@ def _select_objects(
         box = obj.box
         if entry.normalized:
             box = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
+        elif orientation != 1:
+            box = upright_box(box, orientation, *stored)
         box, was_clipped = clip_box(box, width, height)
         if box[2] <= box[0] or box[3] <= box[1]:
             counts["zero_area"] += 1
@@ -396,6 +550,8 @@ def _select_objects(
 
 def _image_reference(entry: ImageEntry, out_dir: Path, split: str, index: int, options: Options) -> str:
     if entry.image is not None:  # hf: write the decoded image
+        # as PNG without EXIF (PIL writes it only when given exif=), so training's exif_transpose
+        # leaves these pixels, the frame of the boxes, as they are
         relative = Path("images") / f"{split}-{index:06d}.png"
         (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         entry.image.save(out_dir / relative)
@@ -422,24 +578,22 @@ def convert(entries: list[ImageEntry], out_dir: Path, split: str, options: Optio
         for index, entry in enumerate(tqdm(entries, desc=f"{split}", disable=options.quiet)):
             counts.update(entry.dropped)
             if entry.image is not None:
-                size = entry.image.size
-            elif not entry.path.is_file():
-                counts["missing_image"] += 1
-                missing.append(str(entry.path))
-                continue
+                (width, height), orientation = entry.image.size, 1
             else:
-                size = _image_size(entry.path)
-                if size is None:
-                    counts["unreadable_image"] += 1
-                    unreadable.append(str(entry.path))
+                header = file_header(entry)
+                if not isinstance(header, FileHeader):
+                    counts[header] += 1
+                    (missing if header == "missing_image" else unreadable).append(str(entry.path))
                     continue
-            width, height = size
-            if entry.width is not None and entry.height is not None and (entry.width, entry.height) != size:
-                counts["size_mismatch"] += 1  # the file is what the model sees: trust it
-            objects = _select_objects(entry, width, height, options, counts)
+                width, height, orientation = image_frame(entry, header)
+                declared = _declared_size(entry)
+                if header.orientation == 1 and declared is not None and declared != header.size:
+                    counts["size_mismatch"] += 1  # the file is what the model sees: trust it
+            objects = _select_objects(entry, width, height, orientation, options, counts)
             if not objects:
                 counts["no_objects"] += 1
                 continue
+            counts["exif_transposed"] += orientation != 1
             labels = [label for _, label in objects]
             record = {
                 "image": _image_reference(entry, out_dir, split, index, options),
@@ -607,6 +761,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad_labels = check_labels(entries, options)
     if bad_labels:  # checked before anything is written: no half-converted output
         print("error: " + "\nerror: ".join(bad_labels), file=sys.stderr)
+        return 2
+    bad_frames = check_frames(entries, quiet=args.quiet)
+    if bad_frames:  # also before writing
+        more = len(bad_frames) - MAX_PRINTED_MISSING
+        print("error: " + "\nerror: ".join(bad_frames[:MAX_PRINTED_MISSING]), file=sys.stderr)
+        if more > 0:
+            print(f"error: ... and {more} more images like these", file=sys.stderr)
         return 2
     for split, split_entries_ in split_entries(entries, args.split, args.val_fraction, args.seed).items():
         summary = convert(split_entries_, args.out, split, options)
