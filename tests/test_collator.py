@@ -214,6 +214,10 @@ def test_truncation_of_a_too_long_target_keeps_eos(tiny):
     assert labels[-1] == tok.eos_token_id
     assert int(batch["attention_mask"].sum()) - processor.image_seq_length == 12
     assert collator.stats.truncated_prefix == 1 and collator.stats.truncated_suffix == 1
+    # One record lost prompt and target tokens both: one truncated record, not two "truncations".
+    collator([{"image": RECORDS[0]["image"], "prefix": "caption en", "suffix": "a red circle"}])  # fits
+    assert (collator.stats.records, collator.stats.truncated_records) == (2, 1)
+    assert collator.stats.summary().startswith("1 of 2 records truncated: 1 prompts lost ")
 
 
 def test_truncation_error_policy_names_the_record(tiny):
@@ -222,6 +226,7 @@ def test_truncation_error_policy_names_the_record(tiny):
     record = dict(RECORDS[0], where="data/train.jsonl:7", suffix="a red circle on the left " * 5)
     with pytest.raises(SequenceTooLongError, match=r"data/train\.jsonl:7.*max_length=10"):
         collator([record])
+    assert collator.stats.truncated_records == 0  # refused, not truncated
 
 
 def test_skipped_records_are_dropped(tiny):

@@ -196,3 +196,33 @@ def test_image_feature_cache_is_bypassed_when_the_vision_tower_trains():
     suffix_loss(model, batch, image_features=cache).backward()
     assert cache.hits == cache.misses == 0
     assert model.model.vision_tower.embeddings.patch_embedding.weight.grad is not None
+
+
+def test_image_feature_cache_runs_under_the_forwards_autocast():
+    """accelerate wraps model.forward in bf16 autocast; the cache calls the tower beside it, so it must
+    use the same autocast, or the cached loss differs from the uncached one (7.450754 vs 7.450650)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the state is a process-wide singleton
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    model = accelerator.prepare(_model("tiny", "lora"))
+    batch = PaliGemmaCollator(load_processor("tiny"), max_length=64)(RECORDS)
+    try:
+        _check_cached_equals_uncached(model, batch, accelerator)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _check_cached_equals_uncached(model, batch, accelerator):
+    from pg_finetune.speed import ImageFeatureCache
+
+    with torch.no_grad():
+        reference = suffix_loss(model, batch)
+        cache = ImageFeatureCache(autocast=accelerator.autocast)
+        for _ in range(2):  # computed, then read from the cache
+            assert suffix_loss(model, batch, image_features=cache).item() == reference.item()
+        assert (cache.misses, cache.hits) == (3, 3)
+        # Without the forward's autocast the tower runs in fp32 and the loss moves: the bug this guards.
+        assert suffix_loss(model, batch, image_features=ImageFeatureCache()).item() != reference.item()

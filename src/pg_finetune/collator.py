@@ -37,7 +37,11 @@ class SequenceTooLongError(ValueError):
 
 @dataclass
 class TruncationStats:
+    """Counts over the records collated: `truncated_records` is how many were cut at all (one record
+    can lose prompt and target tokens both), the others say where."""
+
     records: int = 0
+    truncated_records: int = 0
     truncated_prefix: int = 0
     truncated_suffix: int = 0
     prefix_tokens_removed: int = 0
@@ -45,7 +49,7 @@ class TruncationStats:
 
     def summary(self) -> str:
         return (
-            f"{self.truncated_prefix + self.truncated_suffix} truncations over {self.records} records: "
+            f"{self.truncated_records} of {self.records} records truncated: "
             f"{self.truncated_prefix} prompts lost {self.prefix_tokens_removed} tokens, "
             f"{self.truncated_suffix} targets lost {self.suffix_tokens_removed} tokens (eos always kept)"
         )
@@ -148,6 +152,7 @@ class PaliGemmaCollator:
                     f"{_where(record)}: {len(prefix) + len(target) + 1 + len(self.newline_ids)} text tokens "
                     f"exceed data.max_length={self.max_length}; raise max_length or set data.truncation: prefix_first"
                 )
+            self.stats.truncated_records += 1
             cut = min(over, len(prefix))
             if cut:
                 prefix = prefix[: len(prefix) - cut]
@@ -158,7 +163,7 @@ class PaliGemmaCollator:
                 target = target[: len(target) - 1 - over] + [self.eos_id]
                 self.stats.truncated_suffix += 1
                 self.stats.suffix_tokens_removed += over
-            if self.stats.truncated_prefix + self.stats.truncated_suffix == 1:
+            if self.stats.truncated_records == 1:
                 logger.warning(
                     "%s: sequence longer than data.max_length=%d, truncated (prompt first, <eos> kept); "
                     "further truncations are counted and summarised at the end",

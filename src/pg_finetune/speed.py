@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -97,10 +98,16 @@ class ImageFeatureCache:
 
     Holds at most `max_mb` megabytes of features (on the device they were computed on); images
     past that are recomputed on each use. Use one cache per model.
+
+    `autocast` is the context the model's forward runs under (a factory, e.g. an `Accelerator`'s
+    `autocast`): accelerate wraps `model.forward` in autocast for bf16/fp16 mixed precision, and
+    the cache calls the vision tower beside that forward, so without it the features would be
+    computed in fp32 and the loss would differ from the uncached one.
     """
 
-    def __init__(self, max_mb: float = 1024.0):
+    def __init__(self, max_mb: float = 1024.0, autocast: Callable[[], AbstractContextManager] | None = None):
         self._cache = KeyedTensorCache(max_mb)
+        self._autocast = autocast or nullcontext
 
     @property
     def hits(self) -> int:
@@ -121,7 +128,8 @@ class ImageFeatureCache:
 
         @torch.no_grad()
         def compute(rows: list[int]) -> torch.Tensor:
-            return _paligemma(model).model.get_image_features(pixel_values[rows]).pooler_output
+            with self._autocast():
+                return _paligemma(model).model.get_image_features(pixel_values[rows]).pooler_output
 
         return self._cache(keys, compute)
 

@@ -140,7 +140,9 @@ class PaliGemmaTrainer(Trainer):
         # The cache calls the vision tower outside the wrapped model's forward: under FSDP or ZeRO-3 the
         # parameters are only gathered inside it, so there the features are computed the normal way.
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        self.image_features = ImageFeatureCache() if cache_image_features and not sharded else None
+        # The features are computed under the autocast accelerate wraps the model's forward in (bf16/fp16).
+        use_cache = cache_image_features and not sharded
+        self.image_features = ImageFeatureCache(autocast=self.accelerator.autocast) if use_cache else None
 
     # ------------------------------------------------------------------------------------ sampler
     def _get_train_sampler(self, train_dataset=None):
