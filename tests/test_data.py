@@ -502,6 +502,123 @@ def test_unknown_sources_are_clear(tmp_path):
         load_records(str(other))
 
 
+# ------------------------------------------------------------------------------------------ Karpathy JSON
+RED, BLUE, GREEN = (200, 30, 30), (10, 20, 230), (20, 200, 40)
+
+
+def _karpathy_json(path: Path, image_root: Path | None = None) -> Path:
+    """Karpathy's dataset_coco.json shape: two train images, one val, one restval; the second train
+    image has no `cocoid` and a sentence without `raw`. PNGs go under image_root when given."""
+    images = [
+        {"filepath": "train2014", "filename": "a.png", "split": "train", "cocoid": 11,
+         "sentences": [{"raw": "A red square."}, {"raw": "a red box"}]},
+        {"filepath": "train2014", "filename": "b.png", "split": "train",
+         "sentences": [{"raw": "a blue square"}, {"tokens": ["no", "raw"]}, {"raw": "blue"}]},
+        {"filepath": "val2014", "filename": "c.png", "split": "val", "cocoid": 33, "sentences": [{"raw": "green"}]},
+        {"filepath": "val2014", "filename": "d.png", "split": "restval", "cocoid": 44, "sentences": []},
+    ]  # fmt: skip
+    if image_root is not None:
+        for name, color in (("train2014/a.png", RED), ("train2014/b.png", BLUE), ("val2014/c.png", GREEN)):
+            _png(image_root / name, color)
+        _png(image_root / "val2014" / "d.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images}))
+    return path
+
+
+def test_karpathy_json_gives_one_record_per_image_with_its_first_caption(tmp_path):
+    path = _karpathy_json(tmp_path / "dataset_coco.json", image_root=tmp_path)
+    train = load_records(path, "train")  # a PathLike works as well as a string
+    metas = [train.rows_meta(i) for i in range(len(train))]
+    assert [m["id"] for m in metas] == ["11", "b.png"]  # the cocoid, else the filename
+    assert [m["suffix"] for m in metas] == ["A red square.", "a blue square"]
+    assert [m["captions"] for m in metas] == [["A red square.", "a red box"], ["a blue square", "blue"]]
+    assert [m["prefix"] for m in metas] == ["caption en", "caption en"]
+    assert [m["where"] for m in metas] == [f"{path} images[0]", f"{path} images[1]"]
+    assert train[0]["image"].getpixel((0, 0)) == RED and train[1]["image"].getpixel((0, 0)) == BLUE
+
+    val = load_records(str(path), "val", default_prefix="caption es", require_suffix=False)
+    assert len(val) == 1 and val.rows_meta(0)["id"] == "33" and val.rows_meta(0)["prefix"] == "caption es"
+    assert val[0]["image"].getpixel((0, 0)) == GREEN
+    assert load_records(str(path), "train[1:]").rows_meta(0) == train.rows_meta(1)
+
+
+def test_karpathy_image_paths_resolve_against_image_root_or_the_json_directory(tmp_path):
+    coco = tmp_path / "coco"
+    path = _karpathy_json(tmp_path / "annotations" / "dataset_coco.json", image_root=coco)
+    with pytest.raises(BadRecordError) as info:  # default root: the JSON's directory, where no image is
+        load_records(str(path), "train")
+    assert str(tmp_path / "annotations" / "train2014" / "a.png") in str(info.value)
+    assert info.value.reason == "image file not found" and info.value.where == f"{path} images[0]"
+    for root in (coco, str(coco)):
+        ds = load_records(str(path), "train", image_root=root)
+        assert ds[0]["image"].getpixel((0, 0)) == RED and ds[1]["image"].getpixel((0, 0)) == BLUE
+    # other sources ignore image_root: a JSONL's images stay relative to the file
+    _png(tmp_path / "j" / "x.png", GREEN)
+    jsonl = _write_jsonl(tmp_path / "j" / "d.jsonl", [{"image": "x.png", "prefix": "p", "suffix": "s"}])
+    assert load_records(str(jsonl), image_root=coco)[0]["image"].getpixel((0, 0)) == GREEN
+
+
+def test_karpathy_all_gives_one_record_per_caption(tmp_path):
+    path = _karpathy_json(tmp_path / "dataset_coco.json", image_root=tmp_path)
+    ds = load_records(f"karpathy+all:{path}", "train")
+    metas = [ds.rows_meta(i) for i in range(len(ds))]
+    assert [m["id"] for m in metas] == ["11-0", "11-1", "b.png-0", "b.png-1"]
+    assert [m["image_id"] for m in metas] == ["11", "11", "b.png", "b.png"]
+    assert [m["suffix"] for m in metas] == ["A red square.", "a red box", "a blue square", "blue"]
+    assert metas[3]["where"] == f"{path} images[1] sentences[2]"  # sentences[1] has no raw text
+    assert metas[3]["captions"] == ["a blue square", "blue"]
+    assert ds[1]["image"].getpixel((0, 0)) == RED and ds[3]["image"].getpixel((0, 0)) == BLUE
+    assert len(load_records(f"karpathy+all:{path}", "train[:3]")) == 3  # a slice counts captions
+
+
+def test_karpathy_image_without_captions_is_a_bad_record_for_training(tmp_path):
+    path = _karpathy_json(tmp_path / "dataset_coco.json", image_root=tmp_path)
+    for source in (str(path), f"karpathy+all:{path}"):
+        with pytest.raises(BadRecordError, match=re.escape(f"{path} images[3]: missing suffix")):
+            load_records(source, "restval")
+        meta = load_records(source, "restval", require_suffix=False).rows_meta(0)
+        assert meta["id"] == "44" and meta["suffix"] is None and meta["captions"] == []
+
+
+def test_karpathy_bad_files_are_named_in_the_error(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    with pytest.raises(ValueError, match=re.escape(f"{broken}: not a Karpathy caption file: invalid JSON")):
+        load_records(str(broken), "train")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=re.escape(f"{listed}: not a Karpathy caption file (expected")):
+        load_records(str(listed), "train")
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"images": [{"split": "train", "filename": "a.png"}, "a.png"]}))
+    with pytest.raises(ValueError, match=re.escape(f"{odd} images[1]: not a JSON object")):
+        load_records(str(odd), "train")
+    path = _karpathy_json(tmp_path / "dataset_coco.json")
+    no_split = f"{path}: no images in split 'validation'; splits there: restval, train, val"
+    with pytest.raises(ValueError, match=re.escape(no_split)):
+        load_records(str(path), "validation")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_records(f"karpathy+all:{tmp_path / 'missing.json'}", "train")
+
+
+def test_karpathy_rows_reads_references_without_images(tmp_path):
+    from pg_finetune.data import karpathy_rows
+
+    path = _karpathy_json(tmp_path / "dataset_coco.json")  # no image files: none is opened
+    rows = karpathy_rows(str(path), "train")
+    assert rows[1] == {
+        "id": "b.png",
+        "image": str(tmp_path / "train2014" / "b.png"),
+        "prefix": "caption en",
+        "captions": ["a blue square", "blue"],
+        "where": f"{path} images[1]",
+        "_line": f"{path} images[1]",
+    }
+    assert [r["id"] for r in karpathy_rows(str(path), "train[1:]")] == ["b.png"]
+    assert karpathy_rows(str(path), "val", "/data/coco")[0]["image"] == "/data/coco/val2014/c.png"
+
+
 # ------------------------------------------------------------------------------------------ easy-vqa
 @pytest.fixture(scope="module")
 def easyvqa_train():
@@ -623,7 +740,7 @@ def test_question_id_names_a_record_without_an_id(tmp_path):
 def test_decoded_images_are_cached_by_reference_as_private_copies(tmp_path, monkeypatch):
     from PIL import Image
 
-    import pg_finetune.data as data_module
+    import pg_finetune.data.records as data_module  # the module whose RecordDataset decodes images
 
     for name, color in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
         Image.new("RGB", (32, 32), color).save(tmp_path / name)
@@ -648,3 +765,17 @@ def test_decoded_images_are_cached_by_reference_as_private_copies(tmp_path, monk
     for i in range(len(off)):
         off[i]
     assert len(decoded) == 5
+
+
+def test_a_non_utf8_line_is_named_by_file_and_line_and_skippable(tmp_path):
+    from PIL import Image
+
+    from pg_finetune.data import BadRecordError, load_records
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    good = b'{"image": "a.png", "prefix": "caption en", "suffix": "a"}\n'
+    (tmp_path / "train.jsonl").write_bytes(good + b'{"image": "a.png", "prefix": "caf\xe9", "suffix": "b"}\n' + good)
+    with pytest.raises(BadRecordError, match=r"train\.jsonl:2.*not UTF-8 \(byte 0xe9 at column 34\)"):
+        load_records(tmp_path / "train.jsonl", "train")
+    ds = load_records(tmp_path / "train.jsonl", "train", skip_bad_records=True)
+    assert len(ds) == 2 and sum(ds.skipped.values()) == 1

@@ -1,0 +1,269 @@
+"""Records: load one split of any source, check its rows, and decode images lazily.
+
+    ds = load_records("data/train.jsonl", "train[:10%]", default_prefix="caption en")
+    ds[0]               # decodes this record's image now; None if it is bad and skip_bad_records is on
+    ds.rows_meta(0)     # the same record without decoding the image
+    ds.skipped          # Counter of reasons for records dropped or skipped
+
+Text fields are checked when the source is loaded (cheap: no image is decoded), and a path that
+does not exist is caught then too; images are decoded one by one in `__getitem__`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pg_finetune.data.image_cache import ImageCache
+from pg_finetune.data.registry import open_source
+from pg_finetune.data.source import RESERVED, Columns, Request, Source
+from pg_finetune.data.splits import parse_split, split_indices
+from pg_finetune.images import BadRecordError, image_path, open_image
+
+logger = logging.getLogger(__name__)
+
+
+class RecordDataset(Dataset):
+    """Records whose images are decoded lazily, one per `__getitem__`.
+
+    Holds only light rows: text fields plus an image reference (a path, bytes, or a row number
+    into a memory-mapped `datasets` table). With `skip_bad_records`, an image that fails to
+    decode makes `__getitem__` return None (the collator drops it), counts the reason in
+    `skipped` and logs a warning naming `where`. Note that DataLoader workers count in their own
+    process, so the main process's `skipped` only shows load-time drops and its own reads.
+
+    Decoded images are kept in an `ImageCache` of `image_cache_mb` megabytes (per process), keyed by
+    the image reference, so a record that shares another's image, or a later epoch, skips the
+    decode. Each read returns its own copy. 0 turns the cache off.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        metas: list[dict],
+        image_refs: list[Any],
+        *,
+        fetch_image: Callable[[Any], Any] | None = None,
+        skip_bad_records: bool = False,
+        skipped: Counter | None = None,
+        image_cache_mb: float = 256.0,
+    ):
+        if len(metas) != len(image_refs):
+            raise ValueError(f"{len(metas)} rows but {len(image_refs)} image references")
+        self.name = name
+        self.skip_bad_records = skip_bad_records
+        self.skipped: Counter = skipped if skipped is not None else Counter()
+        self._metas = metas
+        self._image_refs = image_refs
+        self._fetch_image = fetch_image
+        self._bad_indices: set[int] = set()
+        self.image_cache_mb = image_cache_mb
+        self._images = ImageCache(image_cache_mb)
+
+    def __len__(self) -> int:
+        return len(self._metas)
+
+    def __getitem__(self, index: int) -> dict | None:
+        meta = self._metas[index]
+        ref = self._image_refs[index]
+        try:
+            image = self._image(ref, meta["where"])
+        except BadRecordError as err:
+            if not self.skip_bad_records:
+                raise
+            if index not in self._bad_indices:  # count each record once, however many epochs read it
+                self._bad_indices.add(index)
+                self.skipped[err.reason] += 1
+                logger.warning("skipping bad record %s", err.problems[0][0] + ": " + err.problem)
+            return None
+        return {"image": image, **meta}
+
+    def _image(self, ref: Any, where: str) -> Image.Image:
+        # str paths, raw bytes and row numbers identify an image; anything else is decoded every time
+        key = ref if self.image_cache_mb > 0 and isinstance(ref, (str, bytes, int)) else None
+        if key is not None:
+            cached = self._images.get(key)
+            if cached is not None:
+                return cached
+        image = open_image(self._fetch_image(ref) if self._fetch_image else ref, where)
+        if key is not None:
+            self._images.put(key, image)
+        return image
+
+    def rows_meta(self, index: int) -> dict:
+        """The record without its image (prefix, suffix, id, where, extra fields); decodes nothing."""
+        return dict(self._metas[index])
+
+    def __repr__(self) -> str:
+        skipped = f", skipped {dict(self.skipped)}" if self.skipped else ""
+        return f"RecordDataset({self.name}: {len(self)} records{skipped})"
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _bad(row: dict, reason: str, field_name: str, problem: str) -> BadRecordError:
+    return BadRecordError(row["where"], field_name, problem, reason=reason)
+
+
+def _check_row(row: dict, default_prefix: str | None, require_suffix: bool) -> tuple[dict, Any]:
+    """(meta, image_ref) for a good row; raise BadRecordError naming the field otherwise. Decodes nothing."""
+    if "_bad" in row:
+        raise _bad(row, *row["_bad"])
+    image = row.get("image")
+    if image is None or image == "":
+        raise _bad(row, "missing image", "image", "missing image")
+    prefix = row.get("prefix")
+    if prefix is None:
+        if default_prefix is None:
+            raise _bad(
+                row, "missing prefix", "prefix", "missing prefix (and no default prefix: set task.prefix)"
+            )
+        prefix = default_prefix
+        if "{" in prefix:  # a template such as "answer en {question}", filled from the row's fields
+            try:
+                prefix = prefix.format_map(row)
+            except (KeyError, IndexError, ValueError) as err:
+                raise _bad(
+                    row,
+                    "prefix template field missing",
+                    "prefix",
+                    f"task.prefix template {default_prefix!r} needs field {err}, which this record lacks",
+                ) from None
+    if not isinstance(prefix, str):
+        raise _bad(
+            row, "prefix not a string", "prefix", f"prefix must be a string, got {type(prefix).__name__}"
+        )
+    suffix = row.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise _bad(
+            row, "suffix not a string", "suffix", f"suffix must be a string, got {type(suffix).__name__}"
+        )
+    if suffix is not None and not suffix.strip():
+        if require_suffix:
+            raise _bad(row, "empty suffix", "suffix", "empty suffix (there is nothing to train on)")
+        suffix = None
+    if suffix is None and require_suffix:
+        raise _bad(row, "missing suffix", "suffix", "missing suffix (the training target)")
+    extras = {k: v for k, v in row.items() if k not in RESERVED}
+    return {"prefix": prefix, "suffix": suffix, "id": row["id"], "where": row["where"], **extras}, image
+
+
+def _check_columns(
+    source: Source, columns: Columns, default_prefix: str | None, require_suffix: bool
+) -> None:
+    """For table sources, a missing column is one clear error rather than one per row."""
+    if source.columns is None:
+        return
+    have = ", ".join(source.columns)
+    problems = []
+    if columns.image not in source.columns:
+        problems.append(f"no image column {columns.image!r} (set data.image_column)")
+    if columns.prefix not in source.columns and default_prefix is None:
+        problems.append(
+            f"no prefix column {columns.prefix!r} and no default prefix (set data.prefix_column or task.prefix)"
+        )
+    if columns.suffix not in source.columns and require_suffix:
+        problems.append(f"no suffix column {columns.suffix!r} (set data.suffix_column)")
+    if problems:
+        raise ValueError(f"{source.name}: " + "; ".join(problems) + f". Columns: {have}")
+
+
+def load_records(
+    source: str | os.PathLike,
+    split: str = "train",
+    *,
+    image_column: str = "image",
+    prefix_column: str = "prefix",
+    suffix_column: str = "suffix",
+    default_prefix: str | None = None,
+    require_suffix: bool = True,
+    limit: int | None = None,
+    skip_bad_records: bool = False,
+    image_cache_mb: float = 256.0,
+    image_root: str | os.PathLike | None = None,
+) -> RecordDataset:
+    """Load one split of `source` as a RecordDataset (`pg_finetune.data` lists sources and splits).
+
+    Rows with bad text fields, a missing image, or an image path that does not exist raise one
+    BadRecordError listing them all, or with `skip_bad_records` are dropped, counted in
+    `.skipped` and summarised in one warning. `limit` caps the number of good records kept.
+    For a single-file source (a .jsonl file, a saved single Dataset) the split's name is not
+    checked; only its slice applies.
+
+    `default_prefix` is the prompt of rows without one (a template such as "answer en {question}"
+    is filled from the row's fields); without it, a source's own default applies (Karpathy JSON:
+    "caption en"). `image_root` is where a Karpathy caption JSON's images live
+    (IMAGE_ROOT/filepath/filename; default: the JSON's directory); every other source resolves
+    its images its own way (JSONL: relative to the file) and ignores it.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of records or None, got {limit}")
+    source = os.fspath(source)
+    base_split, part = parse_split(split)
+    columns = Columns(image_column, prefix_column, suffix_column)
+    root = os.fspath(image_root) if image_root is not None else None
+    src = open_source(Request(source, base_split, columns, root))
+    if default_prefix is None:
+        default_prefix = src.default_prefix
+    _check_columns(src, columns, default_prefix, require_suffix)
+    for note in src.notes:
+        logger.info("%s: %s", src.name, note)
+    indices = split_indices(part, src.num_rows)
+
+    metas: list[dict] = []
+    refs: list[Any] = []
+    skipped: Counter = Counter()
+    problems: list[BadRecordError] = []
+    file_exists: dict[str, bool] = {}
+    for row in src.rows(indices):
+        if limit is not None and len(metas) >= limit:
+            break
+        try:
+            meta, ref = _check_row(row, default_prefix, require_suffix)
+            path = image_path(ref) if src.check_files else None
+            if path is not None:
+                if path not in file_exists:
+                    file_exists[path] = os.path.isfile(path)
+                if not file_exists[path]:
+                    raise _bad(row, "image file not found", "image", f"image file not found: {path}")
+        except BadRecordError as err:
+            skipped[err.reason] += 1
+            problems.append(err)
+            continue
+        metas.append(meta)
+        refs.append(ref)
+
+    if problems and not skip_bad_records:
+        first = problems[0]
+        raise BadRecordError(
+            first.where,
+            first.field,
+            first.problem,
+            reason=first.reason,
+            problems=[(p.where, p.field, p.problem) for p in problems],
+        )
+    if problems:
+        first_wheres = ", ".join(p.where for p in problems[:5])
+        counts = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
+        logger.warning(
+            "%s: skipped %d bad records (%s); first: %s", src.name, len(problems), counts, first_wheres
+        )
+    if not metas:
+        raise ValueError(
+            f"{src.name}: no usable records in split {split!r} "
+            f"({src.num_rows} rows, {len(indices)} after slicing, {len(problems)} bad)"
+        )
+    return RecordDataset(
+        src.name if split == base_split else f"{src.name} (split {split})",
+        metas,
+        refs,
+        fetch_image=src.fetch_image,
+        skip_bad_records=skip_bad_records,
+        skipped=skipped,
+        image_cache_mb=image_cache_mb,
+    )

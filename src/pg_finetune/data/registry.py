@@ -1,0 +1,39 @@
+"""Every kind of source, in the order a source string is tried: the first kind that finds it opens it.
+
+Order matters only where two kinds could claim one string: `builtin:` and `karpathy+all:` names
+before paths, directory layouts from the most specific to the most general, and a hub id last
+(for a string that is no local path). Adding a source: one module holding a `SourceKind`, and
+one line here.
+"""
+
+from __future__ import annotations
+
+from pg_finetune.data import builtin, hub, imagefolder, jsonl, karpathy, saved
+from pg_finetune.data.source import Request, Source, SourceKind
+
+SOURCES: list[SourceKind] = [
+    builtin.BUILTIN,
+    jsonl.FILE,
+    karpathy.KARPATHY,
+    saved.SAVED,
+    jsonl.DIRECTORY,
+    imagefolder.IMAGEFOLDER,
+    hub.DATA_FILES,
+    hub.HUB,
+]
+
+
+def open_source(request: Request) -> Source:
+    """The `Source` for one split of `request.source`; if no kind claims it, an error listing what would do."""
+    for kind in SOURCES:
+        found = kind.find(request)
+        if found is not None:
+            return kind.open(found, request)
+    if request.path.is_dir():
+        expected = "\n".join(f"  - {kind.description}" for kind in SOURCES if kind.form == "directory")
+        raise ValueError(
+            f"cannot read directory {request.source!r} for split {request.split!r}; "
+            f"expected one of:\n{expected}"
+        )
+    expected = " or ".join(kind.description for kind in SOURCES if kind.form == "file")
+    raise ValueError(f"cannot read {request.source!r}: a file source must be {expected}")
