@@ -28,7 +28,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_prep import create_od_dataset, make_count_intersections  # noqa: E402
+from pg_finetune.prep import count_intersections as make_count_intersections  # noqa: E402
+from pg_finetune.prep import od_dataset as create_od_dataset  # noqa: E402
 
 CLASSES = ["cat", "dog", "car", "person"]
 

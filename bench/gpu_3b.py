@@ -325,7 +325,7 @@ def measure(path: Path, config, method: str, batch: int, ckpt: bool, args, devic
     from pg_finetune.tuning import apply_tuning
 
     cuda = device == "cuda"
-    tuning = TuningConfig(method=method, load_in_4bit=method == "qlora",
+    tuning = TuningConfig(method=method,
                           bnb_4bit_compute_dtype="bfloat16" if cuda else "float32")
     model = load_model(ModelConfig(name_or_path=str(path), dtype=dtype_name), tuning)
     if method != "qlora":

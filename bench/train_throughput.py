@@ -73,7 +73,7 @@ def cached_suffix_loss():
 def build(method: str, model_name: str = "tiny"):
     # "full_vision": recipes/tiny/easyvqa_full.yaml's tuning (vision tower and projector train too)
     vision = method == "full_vision"
-    tuning = TuningConfig(method="full" if vision else method, load_in_4bit=method == "qlora",
+    tuning = TuningConfig(method="full" if vision else method,
                           bnb_4bit_compute_dtype="float32", train_vision_tower=vision, train_projector=vision)
     torch.manual_seed(0)
     return apply_tuning(load_model(ModelConfig(name_or_path=model_name), tuning), tuning).train()

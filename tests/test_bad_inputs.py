@@ -235,7 +235,7 @@ def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    text = _recipe_error("tuning.method=qlora", "tuning.load_in_4bit=true")
+    text = _recipe_error("tuning.method=qlora")
     assert "tuning.method" in text and "bitsandbytes" in text and "pip install" in text
 
 

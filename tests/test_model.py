@@ -79,6 +79,17 @@ def test_dtype_is_applied():
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
+def test_one_dtype_map_serves_every_dtype_field_of_the_schema():
+    import typing
+
+    from pg_finetune.model import DTYPES
+    from pg_finetune.recipe import TuningConfig
+
+    model_dtypes = typing.get_args(typing.get_type_hints(ModelConfig)["dtype"])
+    compute_dtypes = typing.get_args(typing.get_type_hints(TuningConfig)["bnb_4bit_compute_dtype"])
+    assert set(model_dtypes) == set(DTYPES) and set(compute_dtypes) <= set(DTYPES) - {"auto"}
+
+
 def test_missing_local_dir_and_unreachable_hub_say_what_to_do(monkeypatch, tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(_cfg(name_or_path=str(tmp_path / "nope") + "/"))

@@ -173,23 +173,33 @@ def test_learning_rate_range(lr):
     assert str(lr) in msg
 
 
-def test_qlora_without_4bit():
-    msg = only_problem({"tuning": {"method": "qlora"}})
-    assert "tuning.load_in_4bit: true" in msg
-    assert "use method lora" in msg
+def test_qlora_alone_means_4_bit():
+    tuning = recipe_from_dict({"tuning": {"method": "qlora"}}).tuning
+    assert tuning.method_spec.quantized and tuning.method_spec.is_adapter
 
 
-def test_4bit_without_qlora():
-    msg = only_problem({"tuning": {"method": "lora", "load_in_4bit": True}})
-    assert msg.startswith("tuning.load_in_4bit:")
-    assert "tuning.method: qlora" in msg
+@pytest.mark.parametrize(
+    ("section", "key", "value", "replacement"),
+    [
+        ("tuning", "load_in_4bit", True, "method qlora implies 4-bit"),
+        ("training", "per_device_eval_batch_size", 16, "eval.batch_size"),
+        ("data", "max_eval_samples", 10, "eval.max_samples"),
+    ],
+)
+def test_removed_keys_say_what_replaced_them(section, key, value, replacement):
+    msg = only_problem({section: {key: value}})
+    assert msg.startswith(f"unknown key '{section}.{key}'") and f"{section}.{key} was removed" in msg
+    assert replacement in msg
+    with pytest.raises(RecipeError) as info:  # the same on the command line
+        load_recipe(REPO / "recipes/tiny/easyvqa_lora.yaml", [f"{section}.{key}={value}"])
+    assert len(info.value.problems) == 1 and replacement in info.value.problems[0]
 
 
 def test_qlora_without_bitsandbytes(monkeypatch):
     import pg_finetune.recipe as recipe_module
 
     monkeypatch.setattr(recipe_module, "_has_module", lambda name: name != "bitsandbytes")
-    msg = only_problem({"tuning": {"method": "qlora", "load_in_4bit": True}})
+    msg = only_problem({"tuning": {"method": "qlora"}})
     assert "pip install -e '.[qlora]'" in msg
 
 
@@ -293,7 +303,7 @@ def test_all_problems_reported_at_once():
     data = {
         "nmae": "x",
         "model": {"attn_implementation": "flash_attention_2"},
-        "tuning": {"lora_rank": 4, "method": "qlora"},
+        "tuning": {"lora_rank": 4, "method": "qlora", "load_in_4bit": True},
         "training": {"learning_rate": -1, "bf16": True, "fp16": True, "optim": "adam"},
         "eval": {"num_beams": 0},
     }
@@ -318,8 +328,8 @@ def test_all_problems_reported_at_once():
 
 
 def test_type_error_does_not_trigger_rules_on_the_default():
-    # method fails its type check and keeps the default 'lora'; the 4-bit rule must not fire on it
-    problems = problems_of({"tuning": {"method": "qlorra", "load_in_4bit": True}})
+    # method fails its type check and keeps the default 'lora'; the LoRA rank rule must not fire on it
+    problems = problems_of({"tuning": {"method": "fulll", "lora_r": 0}})
     assert len(problems) == 1 and problems[0].startswith("tuning.method:"), problems
 
 
@@ -459,3 +469,10 @@ def test_recipe_error_pickles():
     err = RecipeError(["a.b: bad"], "x.yaml")
     again = pickle.loads(pickle.dumps(err))
     assert again.problems == ["a.b: bad"] and str(again) == str(err)
+
+
+def test_task_metric_picks_one_of_the_tasks_metrics():
+    recipe = recipe_from_dict({"task": {"name": "vqa", "metric": "vqav2_accuracy"}})
+    assert recipe.task.metric == "vqav2_accuracy"
+    with pytest.raises(RecipeError, match=r"task.metric: task 'caption' has no metric 'vqav2_accuracy'; valid: captions"):
+        recipe_from_dict({"task": {"name": "caption", "metric": "vqav2_accuracy"}})

@@ -1,15 +1,14 @@
 """Exact resume after SIGKILL, atomic checkpoints, checkpoint rotation.
 
 The reference is an uninterrupted run; the interrupted run is a real subprocess that SIGKILLs
-itself at the end of a step between two saves (`PG_FINETUNE_KILL_AT_STEP`), then resumes with
-`training.resume_from_checkpoint=auto`. Every collated batch is traced (`PG_FINETUNE_TRACE_BATCHES`)
+itself at the end of a step between two saves (`tests/hooks.py --kill-at-step`), then resumes with
+`training.resume_from_checkpoint=auto`. Every collated batch is traced (`hooks.TracingCollator`)
 so the test compares the exact sequence of records each step consumed, not only the end result.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,8 +20,9 @@ from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from pg_finetune.train import KILL_AT_STEP_ENV, TRACE_BATCHES_ENV, main
+from pg_finetune.train import main
 from pg_finetune.trainer import last_complete_checkpoint
+from tests.hooks import TracingCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -71,23 +71,21 @@ def _losses(run: Path) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
-def _run_in_process(monkeypatch, trace: Path, args: list[str]) -> int:
-    monkeypatch.setenv(TRACE_BATCHES_ENV, str(trace))
-    monkeypatch.delenv(KILL_AT_STEP_ENV, raising=False)
-    return main(args)
+def _run_in_process(trace: Path, args: list[str]) -> int:
+    return main(args, wrap_collator=lambda collator: TracingCollator(collator, str(trace)))
 
 
 def _check_exact_resume(tmp_path: Path, monkeypatch, config: str) -> None:
     # uninterrupted reference
     ref = tmp_path / "ref"
-    assert _run_in_process(monkeypatch, tmp_path / "ref.jsonl", _args(config, ref)) == 0
+    assert _run_in_process(tmp_path / "ref.jsonl", _args(config, ref)) == 0
 
     # interrupted: a real process, really SIGKILLed after step 3 (checkpoint-2 saved, checkpoint-4 not yet)
     run = tmp_path / "run"
-    env = dict(os.environ, **{KILL_AT_STEP_ENV: str(KILL_AT), TRACE_BATCHES_ENV: str(tmp_path / "killed.jsonl")})
+    hooks = ["--kill-at-step", str(KILL_AT), "--trace-batches", str(tmp_path / "killed.jsonl")]
     proc = subprocess.run(
-        [sys.executable, "-m", "pg_finetune.train", *_args(config, run)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(ROOT / "tests" / "hooks.py"), *hooks, "--", *_args(config, run)],
+        capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == -9, proc.stderr[-2000:]  # died by SIGKILL, not a clean exit
     assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{CHECKPOINT_BEFORE_KILL}"]
@@ -95,9 +93,7 @@ def _check_exact_resume(tmp_path: Path, monkeypatch, config: str) -> None:
 
     # resume
     resumed_trace = tmp_path / "resumed.jsonl"
-    assert _run_in_process(
-        monkeypatch, resumed_trace, _args(config, run, "training.resume_from_checkpoint=auto")
-    ) == 0
+    assert _run_in_process(resumed_trace, _args(config, run, "training.resume_from_checkpoint=auto")) == 0
 
     # the exact sequence of records (and, for detect, of augmented prompts) each step consumed
     reference, killed, resumed = _trace(tmp_path / "ref.jsonl"), _trace(tmp_path / "killed.jsonl"), _trace(resumed_trace)
@@ -126,9 +122,7 @@ def _check_exact_resume(tmp_path: Path, monkeypatch, config: str) -> None:
         if path.name != f"checkpoint-{CHECKPOINT_BEFORE_KILL}":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     skipped_trace = tmp_path / "skipped.jsonl"
-    assert _run_in_process(
-        monkeypatch, skipped_trace, _args(config, run, "training.resume_from_checkpoint=auto")
-    ) == 0
+    assert _run_in_process(skipped_trace, _args(config, run, "training.resume_from_checkpoint=auto")) == 0
     assert killed[:CHECKPOINT_BEFORE_KILL] + _trace(skipped_trace) != reference
     assert _max_diff(_weights(ref), _weights(run)) > 100 * TOLERANCE
 

@@ -38,7 +38,7 @@ def test_label_positions_shift_by_one():
 
 def _model(name: str, method: str):
     tuning = TuningConfig(
-        method=method, load_in_4bit=method == "qlora", bnb_4bit_compute_dtype="float32", lora_dropout=0.0
+        method=method, bnb_4bit_compute_dtype="float32", lora_dropout=0.0
     )
     torch.manual_seed(0)
     model = apply_tuning(load_model(ModelConfig(name_or_path=name), tuning), tuning).train()

@@ -43,7 +43,6 @@ def make_cfg(**overrides) -> SimpleNamespace:
         lora_target_modules=DEFAULT_TARGETS,
         lora_vision=False,
         lora_projector=False,
-        load_in_4bit=overrides.get("method") == "qlora",
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype="float32",
         bnb_4bit_use_double_quant=True,
@@ -384,11 +383,29 @@ def test_quantization_config_is_none_without_qlora(method):
     assert quantization_config(make_cfg(method=method)) is None
 
 
-def test_quantization_config_rejects_4bit_flags_that_disagree_with_the_method():
-    with pytest.raises(ValueError, match="load_in_4bit"):
-        quantization_config(make_cfg(method="qlora", load_in_4bit=False))
-    with pytest.raises(ValueError, match="load_in_4bit"):
-        quantization_config(make_cfg(method="lora", load_in_4bit=True))
+def test_the_method_record_alone_decides_4_bit_loading():
+    # tuning.load_in_4bit is gone: a quantized method loads in 4 bit, the others never do
+    for name, method in METHODS.items():
+        assert (quantization_config(make_cfg(method=name)) is not None) == method.quantized, name
+    assert [name for name, method in METHODS.items() if method.quantized] == ["qlora"]
+
+
+def test_the_registry_records_agree_with_their_keys_and_with_the_schema():
+    import typing
+
+    from pg_finetune.recipe import TuningConfig
+
+    assert all(name == method.name and method.trains for name, method in METHODS.items())
+    assert {name for name, method in METHODS.items() if method.is_adapter} == {"lora", "qlora"}
+    assert typing.get_args(typing.get_type_hints(TuningConfig)["method"]) == tuple(METHODS)
+
+
+@pytest.mark.parametrize("name", ["full", "attention_only", "lora"])
+def test_is_adapter_says_whether_the_method_returns_a_peft_model(name):
+    from peft import PeftModel
+
+    tuned = apply_tuning(build_tiny(seed=0)[0], make_cfg(method=name))
+    assert isinstance(tuned, PeftModel) == METHODS[name].is_adapter
 
 
 def test_quantization_config_without_bitsandbytes_says_how_to_install(monkeypatch):

@@ -24,11 +24,9 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from pg_finetune.speed import KeyedTensorCache
+from pg_finetune.speed import IGNORE_INDEX, KeyedTensorCache
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # the label value torch's cross-entropy (and transformers' loss) skips
 
 
 class SequenceTooLongError(ValueError):

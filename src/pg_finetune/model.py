@@ -5,10 +5,14 @@
 model of `pg_finetune.tiny` (written once to a cache directory and then loaded
 through the same `from_pretrained` path as a real checkpoint).
 No `trust_remote_code`: PaliGemma is part of transformers.
+
+`resolve_max_length` picks the text-token budget inference uses: `--max-length`, else the
+`data.max_length` of the recipe a trained model directory carries, else 512.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -17,13 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import AutoConfig, AutoProcessor, PaliGemmaForConditionalGeneration
+
+from pg_finetune.recipe import RECIPE_FILENAME, model_problems
+from pg_finetune.tuning import method_of, quantization_config
 
 logger = logging.getLogger(__name__)
 
 TINY_MODELS = {"tiny": "paligemma", "tiny-paligemma": "paligemma", "tiny-paligemma2": "paligemma2"}
+# The one dtype map: model.dtype and tuning.bnb_4bit_compute_dtype name its keys (tests/test_model.py checks).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-ATTENTION = ("sdpa", "eager")
+DEFAULT_MAX_LENGTH = 512  # generate()'s default: what inference used before it read the training recipe
+MIN_MAX_LENGTH = 8  # the recipe's own floor for data.max_length; the collator needs <bos>, "\n" and <eos>
 
 
 class ModelLoadError(RuntimeError):
@@ -92,12 +102,10 @@ def load_processor(name_or_path: str, *, revision: str | None = None, **hub: Any
 
 
 def load_model(model_cfg: Any, tuning_cfg: Any | None = None) -> PaliGemmaForConditionalGeneration:
-    """Load the model described by the recipe's `model` section (and quantise it for qlora)."""
-    if model_cfg.attn_implementation not in ATTENTION:
-        raise ModelLoadError(
-            f"model.attn_implementation={model_cfg.attn_implementation!r} is refused: with flash_attention_2 "
-            "transformers drops PaliGemma's prefix-LM mask silently (the prompt becomes causal). Use sdpa or eager."
-        )
+    """Load the model described by the recipe's `model` section (in 4 bit for a quantized tuning method)."""
+    problems = model_problems(model_cfg)  # the recipe's rules, for a ModelConfig built in code
+    if problems:
+        raise ModelLoadError("; ".join(problems))
     name = model_cfg.name_or_path
     path = resolve_model_path(name)
     hub = {"revision": model_cfg.revision, "cache_dir": model_cfg.cache_dir, "local_files_only": model_cfg.local_files_only}
@@ -123,9 +131,7 @@ def load_model(model_cfg: Any, tuning_cfg: Any | None = None) -> PaliGemmaForCon
         attn = "eager"
 
     kwargs: dict[str, Any] = dict(config=config, attn_implementation=attn, dtype=DTYPES[model_cfg.dtype], **hub)
-    if tuning_cfg is not None and tuning_cfg.method == "qlora":
-        from pg_finetune.tuning import quantization_config
-
+    if tuning_cfg is not None and method_of(tuning_cfg).quantized:
         kwargs["quantization_config"] = quantization_config(tuning_cfg)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
@@ -168,3 +174,71 @@ def load_for_inference(
     if torch.cuda.is_available() and not cpu:
         model = model.cuda()
     return model.eval(), processor
+
+
+# ---- inference max_length ------------------------------------------------------------------------
+
+
+def training_max_length(name_or_path: str, adapter: str | None = None) -> tuple[int, Path] | None:
+    """(data.max_length, recipe path) from the recipe a trained model directory carries; None without one.
+
+    The adapter directory's recipe.yaml is read first (it describes the adapter's training); the model's
+    only when there is no adapter recipe and the model is a local directory. Only `data.max_length` is
+    taken, without validating the whole recipe: a file from an older version may hold keys this one
+    rejects, and that must not stop an evaluation.
+    """
+    model_dir = None if name_or_path in TINY_MODELS else name_or_path  # a `tiny` in the cwd is not what loads
+    for directory in (adapter, model_dir):
+        if directory and (path := Path(directory) / RECIPE_FILENAME).is_file():
+            # The first recipe found is the training that made these weights: if it gives no value,
+            # a base model's recipe (another training) is no better a guess than the default.
+            return _recipe_max_length(path)
+    return None
+
+
+def _recipe_max_length(path: Path) -> tuple[int, Path] | None:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        logger.warning("cannot read %s (%s); max_length falls back to %d", path, err, DEFAULT_MAX_LENGTH)
+        return None
+    section = data.get("data", {}) if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        logger.warning("%s is not a recipe (no `data` mapping); max_length falls back to %d",
+                       path, DEFAULT_MAX_LENGTH)  # fmt: skip
+        return None
+    value = section.get("max_length")
+    if value is None:  # a recipe without the key trained with the default
+        logger.info("%s has no data.max_length", path)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_MAX_LENGTH:
+        logger.warning("%s: data.max_length=%r is not an integer >= %d; max_length falls back to %d",
+                       path, value, MIN_MAX_LENGTH, DEFAULT_MAX_LENGTH)  # fmt: skip
+        return None
+    return value, path
+
+
+def resolve_max_length(flag: int | None, name_or_path: str, adapter: str | None = None) -> tuple[int, str]:
+    """(max_length, source) for generation: the flag > the training recipe's data.max_length > 512.
+
+    `source` is "flag", "recipe <path>" or "default", for reports.
+    """
+    if flag is not None:
+        return flag, "flag"
+    found = training_max_length(name_or_path, adapter)
+    if found is not None:
+        return found[0], f"recipe {found[1]}"
+    return DEFAULT_MAX_LENGTH, "default"
+
+
+def max_length_arg(text: str) -> int:
+    """argparse `type` for --max-length: an integer the collator accepts (argparse exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer number of text tokens, got {text!r}") from None
+    if value < MIN_MAX_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_MAX_LENGTH} (text tokens: <bos> + prompt + '\\n'), got {value}"
+        )
+    return value

@@ -14,6 +14,7 @@ import yaml
 
 from pg_finetune.model import TINY_MODELS, resolve_model_path
 from pg_finetune.recipe import redact_recipe
+from pg_finetune.tuning import method_of
 
 _SNIPPET = """```python
 import torch
@@ -70,6 +71,8 @@ def model_card(
         "datasets": datasets,
     }
     t, tu = recipe.training, recipe.tuning
+    method = method_of(tu)
+    lora = f"; LoRA r={tu.lora_r}, alpha={tu.lora_alpha}" if method.is_adapter else ""
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
@@ -82,7 +85,7 @@ def model_card(
         "## What was trained",
         "",
         f"- Base model: `{name}`" + (" (pg-finetune's tiny random PaliGemma: a test model)" if name in TINY_MODELS else ""),
-        f"- Method: `{tu.method}`" + (f" (LoRA r={tu.lora_r}, alpha={tu.lora_alpha})" if tu.method in ("lora", "qlora") else ""),
+        f"- Method: `{tu.method}` (trains {method.trains}{lora})",
         f"- {trainable}",
         f"- Task: `{recipe.task.name}`; prompts look like `{example_prompt}`",
         "",

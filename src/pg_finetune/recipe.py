@@ -9,6 +9,9 @@ section means all its defaults. Every field below carries its help text in
 `field(metadata={"help": ...})`. Unknown keys are errors, never ignored. All type,
 range and combination problems are collected and raised together as one
 `RecipeError`, each line naming the dotted key and the fix.
+
+Importing and validating a recipe never imports torch: `python -m pg_finetune.train` refuses a
+bad recipe in well under a second (tests/test_train.py checks it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import functools
 import importlib.util
 import math
 import re
@@ -28,8 +32,17 @@ from typing import Any, Literal
 
 import yaml
 
+from pg_finetune.tuning import METHODS, TuningMethod, method_of
+
 DEFAULT_LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 RECIPE_FILENAME = "recipe.yaml"
+# Keys earlier versions had: a recipe that still sets one is told what replaced it.
+REMOVED_KEYS = {
+    "tuning.load_in_4bit": "method qlora implies 4-bit loading, the other methods never quantize; delete it",
+    "training.per_device_eval_batch_size": "no eval-loss pass runs (eval.batch_size is the generation batch)",
+    "data.max_eval_samples": "eval.max_samples caps the eval records; set that instead",
+}
+TuningMethodName = Literal[tuple(METHODS)]  # the schema accepts exactly the registry's names
 
 
 def _field(default: Any, help_text: str) -> Any:
@@ -92,6 +105,12 @@ class TaskConfig:
         "Detection: add up to this many classes absent from the image (from the union of training labels) "
         "to each training prefix, with nothing for them in the suffix; 0 = none. > 0 needs task detect.",
     )
+    metric: str | None = _field(
+        None,
+        "Which of the task's metrics the held-out evaluation reports; null = the task's own. E.g. "
+        "vqa: exact_match or vqav2_accuracy (the official VQAv2 accuracy, as --benchmark vqav2); "
+        "detect: detection or refexp.",
+    )
 
 
 @dataclass
@@ -100,7 +119,8 @@ class DataConfig:
 
     train: str = _field(
         "builtin:easyvqa",
-        "JSONL path, local save_to_disk dir, image folder, hub dataset id, or 'builtin:easyvqa'.",
+        "JSONL path, local save_to_disk dir, image folder, hub dataset id, Karpathy caption JSON "
+        "(dataset_coco.json; karpathy+all:PATH for one record per caption), or 'builtin:easyvqa'.",
     )
     train_split: str = _field(
         "train", "Split to train on; may carry a slice like 'train[:1%]' or 'train[:2000]'."
@@ -108,10 +128,14 @@ class DataConfig:
     eval: str | None = _field(None, "Eval source (same forms as train); null = same source as train.")
     eval_split: str | None = _field("test", "Split to evaluate on, slices allowed; null = no eval.")
     image_column: str = _field("image", "Column holding the image (PIL image or path).")
+    image_root: str | None = _field(
+        None,
+        "Karpathy caption JSON only: the directory its filepath/filename image paths start from; "
+        "null = the JSON's directory. (JSONL image paths are relative to the file.)",
+    )
     prefix_column: str = _field("prefix", "Column holding the prompt; missing -> task.prefix.")
     suffix_column: str = _field("suffix", "Column holding the target text the loss is on.")
     max_train_samples: int | None = _field(None, "Keep at most this many training records; null = all.")
-    max_eval_samples: int | None = _field(None, "Keep at most this many eval records; null = all.")
     max_length: int = _field(
         512, "Max TEXT tokens per example: bos + prefix + '\\n' + suffix + eos (image tokens not counted)."
     )
@@ -126,9 +150,8 @@ class DataConfig:
 class TuningConfig:
     """Which parameters train: full, attention_only, lora, or qlora (+ freeze flags)."""
 
-    method: Literal["full", "attention_only", "lora", "qlora"] = _field(
-        "lora",
-        "full: all decoder weights; attention_only: decoder attention (big_vision colab); lora; qlora.",
+    method: TuningMethodName = _field(
+        "lora", "; ".join(f"{m.name}: {m.trains}" for m in METHODS.values()) + "."
     )
     train_vision_tower: bool = _field(False, "Also train the SigLIP vision tower fully (every method; for lora/qlora via modules_to_save).")
     train_projector: bool = _field(False, "Also train the multi-modal projector fully (every method; for lora/qlora via modules_to_save).")
@@ -142,14 +165,18 @@ class TuningConfig:
     )
     lora_vision: bool = _field(False, "Also put LoRA adapters on the vision tower.")
     lora_projector: bool = _field(False, "Also put LoRA adapters on the multi-modal projector.")
-    load_in_4bit: bool = _field(False, "Load the base model in 4 bit with bitsandbytes (qlora only).")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _field("nf4", "4-bit data type.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _field("nf4", "4-bit data type (qlora).")
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = _field(
         "bfloat16", "dtype the 4-bit weights are dequantised to for matmuls (float32 on CPU)."
     )
     bnb_4bit_use_double_quant: bool = _field(
         True, "Quantise the quantisation constants too (saves ~0.4 bit/param)."
     )
+
+    @property
+    def method_spec(self) -> TuningMethod:
+        """The `pg_finetune.tuning.METHODS` record of `method`: what trains, adapter or not, 4 bit or not."""
+        return method_of(self)
 
 
 @dataclass
@@ -160,7 +187,6 @@ class TrainingConfig:
     num_train_epochs: float = _field(1.0, "Epochs to train (ignored when max_steps is set).")
     max_steps: int = _field(-1, "Optimiser steps to train; -1 = use num_train_epochs.")
     per_device_train_batch_size: int = _field(8, "Training batch per device.")
-    per_device_eval_batch_size: int = _field(16, "Eval-loss batch per device.")
     gradient_accumulation_steps: int = _field(1, "Micro-batches per optimiser step.")
     learning_rate: float = _field(2e-4, "Peak learning rate, in (0, 1].")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _field(
@@ -350,6 +376,8 @@ def _check_value(value: Any, tp: Any) -> tuple[Any, str | None]:
 
 def _unknown_key_message(key: str, dotted: str, valid: Sequence[str], section: str | None) -> str:
     msg = f"unknown key {dotted!r}"
+    if dotted in REMOVED_KEYS:
+        return f"{msg}: {dotted} was removed: {REMOVED_KEYS[dotted]}"
     close = difflib.get_close_matches(key, list(valid), n=1)
     if close:
         return f"{msg}; did you mean {close[0]!r}?"
@@ -393,26 +421,22 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _check_combinations(recipe: Recipe) -> list[str]:
-    """Every range and cross-field rule, one message per broken rule, naming key(s) and fix."""
-    from pg_finetune.tasks import TASKS  # here, so importing the schema stays light
+def _at_least(
+    problems: list[str], key: str, value: int | None, low: int, optional: bool = False, extra: str = ""
+) -> None:
+    if value is None or value >= low:
+        return
+    allowed = f">= {low}" + (" or null" if optional else "") + extra
+    problems.append(f"{key}: must be {allowed}, got {value}")
 
+
+def _adapter_methods() -> str:
+    return " or ".join(name for name, method in METHODS.items() if method.is_adapter)
+
+
+def model_problems(m: ModelConfig) -> list[str]:
+    """The rules of the `model` section; `load_model` applies them to a config built in code too."""
     problems: list[str] = []
-    m, t, d, tu, tr, ev = recipe.model, recipe.task, recipe.data, recipe.tuning, recipe.training, recipe.eval
-    is_lora = tu.method in ("lora", "qlora")
-
-    def at_least(key: str, value: int | None, low: int, optional: bool = False, extra: str = "") -> None:
-        if value is None or value >= low:
-            return
-        allowed = f">= {low}" + (" or null" if optional else "") + extra
-        problems.append(f"{key}: must be {allowed}, got {value}")
-
-    if not recipe.name.strip():
-        problems.append(
-            "name: must be a non-empty string (it names the run and fills '{name}' in output_dir)"
-        )
-
-    # model
     if m.attn_implementation == "flash_attention_2":
         problems.append(
             "model.attn_implementation: flash_attention_2 is refused for PaliGemma: transformers then drops "
@@ -423,22 +447,81 @@ def _check_combinations(recipe: Recipe) -> list[str]:
             f"model.final_logit_softcapping: must be >= 0 (0 = off) or null (checkpoint's value), "
             f"got {m.final_logit_softcapping}"
         )
+    return problems
+
+
+def tuning_problems(tu: TuningConfig) -> list[str]:
+    """The rules of the `tuning` section; `apply_tuning` applies them to a cfg built in code too."""
+    problems: list[str] = []
+    at_least = functools.partial(_at_least, problems)
+    method = method_of(tu)
+    if method.is_adapter:
+        at_least("tuning.lora_r", tu.lora_r, 1, extra=f" when tuning.method is {tu.method} (try 8 or 16)")
+        at_least("tuning.lora_alpha", tu.lora_alpha, 1, extra=" (usually 2 x tuning.lora_r)")
+        try:
+            re.compile(tu.lora_target_modules)
+        except re.error as err:
+            problems.append(f"tuning.lora_target_modules: not a valid regex ({err}); fix the pattern")
+    if not 0 <= tu.lora_dropout < 1:
+        problems.append(f"tuning.lora_dropout: must be in [0, 1), got {tu.lora_dropout}; e.g. 0.05")
+    if method.quantized and not _has_module("bitsandbytes"):
+        problems.append(
+            f"tuning.method: {tu.method} needs bitsandbytes, which is not installed; "
+            "pip install -e '.[qlora]' or use method lora"
+        )
+    for adapters, full in (("lora_vision", "train_vision_tower"), ("lora_projector", "train_projector")):
+        if method.is_adapter and getattr(tu, adapters) and getattr(tu, full):
+            # peft drops adapters inside a module listed in modules_to_save, silently
+            problems.append(
+                f"tuning.{adapters} and tuning.{full} are both true: a fully trained module cannot also hold "
+                f"LoRA adapters; keep one of them"
+            )
+        if not method.is_adapter and getattr(tu, adapters):
+            problems.append(
+                f"tuning.{adapters}: true needs tuning.method {_adapter_methods()} (got {tu.method!r}); "
+                f"set tuning.{adapters}: false or change the method"
+            )
+    return problems
+
+
+def _check_combinations(recipe: Recipe) -> list[str]:
+    """Every range and cross-field rule, one message per broken rule, naming key(s) and fix."""
+    from pg_finetune.tasks import TASKS  # here, so importing the schema stays light
+
+    problems: list[str] = []
+    at_least = functools.partial(_at_least, problems)
+    t, d, tu, tr, ev = recipe.task, recipe.data, recipe.tuning, recipe.training, recipe.eval
+
+    if not recipe.name.strip():
+        problems.append(
+            "name: must be a non-empty string (it names the run and fills '{name}' in output_dir)"
+        )
+
+    # model
+    problems += model_problems(recipe.model)
 
     # task
     if t.name not in TASKS:
         close = difflib.get_close_matches(t.name, list(TASKS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         problems.append(f"task.name: unknown task {t.name!r}; valid tasks: {', '.join(sorted(TASKS))}{hint}")
-    if t.shuffle_objects and t.name != "detect":
+    task = TASKS.get(t.name)
+    augments = task is not None and task.augment is not None  # detection's object order and negatives
+    if t.shuffle_objects and not augments:
         problems.append(
             f"task.shuffle_objects: true only works with task.name detect (got {t.name!r}); "
             "set task.shuffle_objects: false or null"
         )
     at_least("task.negatives", t.negatives, 0, extra=" (0 = no absent classes in the prompt)")
-    if t.negatives > 0 and t.name != "detect":
+    if t.negatives > 0 and not augments:
         problems.append(
             f"task.negatives: {t.negatives} only works with task.name detect (got {t.name!r}); "
             "set task.negatives: 0"
+        )
+    if task is not None and t.metric is not None and t.metric not in task.metrics:
+        problems.append(
+            f"task.metric: task {t.name!r} has no metric {t.metric!r}; valid: {', '.join(task.metrics)} "
+            "(null = the task's own)"
         )
 
     # data
@@ -450,52 +533,14 @@ def _check_combinations(recipe: Recipe) -> list[str]:
         problems.append("data.train_split: must not be empty; e.g. 'train' or 'train[:2000]'")
     at_least("data.max_length", d.max_length, 8, extra=" (text tokens: bos + prefix + '\\n' + suffix + eos)")
     at_least("data.max_train_samples", d.max_train_samples, 1, optional=True)
-    at_least("data.max_eval_samples", d.max_eval_samples, 1, optional=True)
 
     # tuning
-    if is_lora:
-        at_least("tuning.lora_r", tu.lora_r, 1, extra=f" when tuning.method is {tu.method} (try 8 or 16)")
-        at_least("tuning.lora_alpha", tu.lora_alpha, 1, extra=" (usually 2 x tuning.lora_r)")
-        try:
-            re.compile(tu.lora_target_modules)
-        except re.error as err:
-            problems.append(f"tuning.lora_target_modules: not a valid regex ({err}); fix the pattern")
-    if not 0 <= tu.lora_dropout < 1:
-        problems.append(f"tuning.lora_dropout: must be in [0, 1), got {tu.lora_dropout}; e.g. 0.05")
-    if tu.method == "qlora":
-        if not tu.load_in_4bit:
-            problems.append(
-                "tuning.method: qlora needs tuning.load_in_4bit: true; set tuning.load_in_4bit: true or use method lora"
-            )
-        if not _has_module("bitsandbytes"):
-            problems.append(
-                "tuning.method: qlora needs bitsandbytes, which is not installed; pip install -e '.[qlora]' "
-                "or use method lora"
-            )
-    elif tu.load_in_4bit:
+    problems += tuning_problems(tu)
+    if tr.merge_lora and not tu.method_spec.is_adapter:
         problems.append(
-            f"tuning.load_in_4bit: true only works with tuning.method: qlora (got {tu.method!r}); "
-            "set tuning.method: qlora or tuning.load_in_4bit: false"
+            f"training.merge_lora: true needs tuning.method {_adapter_methods()} (got {tu.method!r}); "
+            "set training.merge_lora: false"
         )
-    for adapters, full in (("lora_vision", "train_vision_tower"), ("lora_projector", "train_projector")):
-        if is_lora and getattr(tu, adapters) and getattr(tu, full):
-            # peft drops adapters inside a module listed in modules_to_save, silently
-            problems.append(
-                f"tuning.{adapters} and tuning.{full} are both true: a fully trained module cannot also hold "
-                f"LoRA adapters; keep one of them"
-            )
-    if not is_lora:
-        for key in ("lora_vision", "lora_projector"):
-            if getattr(tu, key):
-                problems.append(
-                    f"tuning.{key}: true needs tuning.method lora or qlora (got {tu.method!r}); "
-                    f"set tuning.{key}: false or change the method"
-                )
-        if tr.merge_lora:
-            problems.append(
-                f"training.merge_lora: true needs tuning.method lora or qlora (got {tu.method!r}); "
-                "set training.merge_lora: false"
-            )
 
     # training
     if not 0 < tr.learning_rate <= 1:
@@ -516,7 +561,6 @@ def _check_combinations(recipe: Recipe) -> list[str]:
         problems.append(f"training.max_steps: must be -1 (use num_train_epochs) or >= 1, got {tr.max_steps}")
     for key in (
         "per_device_train_batch_size",
-        "per_device_eval_batch_size",
         "gradient_accumulation_steps",
         "logging_steps",
         "save_steps",

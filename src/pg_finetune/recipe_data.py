@@ -10,16 +10,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pg_finetune.data import RecordDataset, load_records
+from pg_finetune.data import RecordDataset, is_karpathy, load_records
 from pg_finetune.recipe import Recipe
 from pg_finetune.tasks import get_task
 
 logger = logging.getLogger(__name__)
-
-
-def smallest(*limits: int | None) -> int | None:
-    given = [n for n in limits if n is not None]
-    return min(given) if given else None
 
 
 def _record_options(recipe: Recipe) -> dict[str, Any]:
@@ -30,6 +25,7 @@ def _record_options(recipe: Recipe) -> dict[str, Any]:
         suffix_column=d.suffix_column,
         default_prefix=recipe.task.prefix or get_task(recipe.task.name).default_prefix,
         skip_bad_records=d.skip_bad_records,
+        image_root=d.image_root,
     )
 
 
@@ -42,8 +38,8 @@ def eval_dataset(recipe: Recipe) -> RecordDataset | None:
     """The held-out split a run evaluates on (images not decoded yet), or None when it has none."""
     d = recipe.data
     eval_split = d.eval_split
-    if eval_split and d.eval is None and Path(d.train).is_file():
-        # one JSONL file has no splits: its "test" would be the training data again
+    if eval_split and d.eval is None and Path(d.train).is_file() and not is_karpathy(d.train):
+        # one JSONL file has no splits: its "test" would be the training data again (a Karpathy JSON has them)
         logger.warning("data.train is a single file and data.eval is not set: no held-out evaluation")
         eval_split = None
     if not eval_split:
@@ -51,7 +47,7 @@ def eval_dataset(recipe: Recipe) -> RecordDataset | None:
     return load_records(
         d.eval or d.train,
         eval_split,
-        limit=smallest(recipe.eval.max_samples, d.max_eval_samples),
+        limit=recipe.eval.max_samples,
         require_suffix=False,
         **_record_options(recipe),
     )

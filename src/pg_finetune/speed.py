@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-IGNORE_INDEX = -100  # label value of positions without loss (the collator's and transformers' convention)
+# Label value of positions without loss: torch's cross-entropy and transformers' loss skip it. The
+# collator writes it (and imports it from here: speed.py is the lower of the two modules).
+IGNORE_INDEX = -100
 
 
 def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

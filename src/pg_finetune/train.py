@@ -7,6 +7,10 @@
 Stages, top to bottom: recipe -> model (+ tuning) -> data + collator ->
 task metric before training -> Trainer -> save (checkpoint, processor, recipe)
 -> task metric after training. Overrides are `section.key=value`.
+
+torch, transformers and the rest of the training stack are imported only once the recipe is
+valid, so a bad recipe is refused in well under a second. Exit codes: 0 done; 2 bad arguments,
+recipe or input (data, model); 3 the loss or a weight became NaN/inf; 1 anything else (a traceback).
 """
 
 from __future__ import annotations
@@ -16,124 +20,22 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-
-from pg_finetune.augment import DetectionAugment, EpochCallback, collect_classes
-from pg_finetune.collator import PaliGemmaCollator
-from pg_finetune.data import BadRecordError
-from pg_finetune.generate import GenerationSettings, evaluate_task
-from pg_finetune.model import ModelLoadError, load_model, load_processor
-from pg_finetune.model_card import write_model_card
 from pg_finetune.recipe import Recipe, RecipeError, load_recipe, redact_recipe, save_recipe
-from pg_finetune.recipe_data import load_eval_records, train_dataset
-from pg_finetune.report import write_report
-from pg_finetune.tasks import get_task
-from pg_finetune.trainer import (
-    STAGING_PREFIX,
-    NonFiniteLossError,
-    PaliGemmaTrainer,
-    last_complete_checkpoint,
-    remove_partial_checkpoints,
-)
-from pg_finetune.tuning import apply_tuning, describe_parameters, merge_adapter_into_base, merge_lora
+
+if TYPE_CHECKING:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from pg_finetune.collator import PaliGemmaCollator
 
 logger = logging.getLogger("pg_finetune.train")
 
 DEFAULT_RECIPE = "recipes/tiny/easyvqa_full.yaml"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Callbacks: generation metrics during training; test-only hooks for the resume tests
-# (checkpoints, the recipe beside each one, and the NaN guard live in pg_finetune.trainer)
-# ----------------------------------------------------------------------------------------------------
-KILL_AT_STEP_ENV = "PG_FINETUNE_KILL_AT_STEP"  # tests: SIGKILL this process at the end of step N
-TRACE_BATCHES_ENV = "PG_FINETUNE_TRACE_BATCHES"  # tests: append each collated batch's records to a file
-
-
-class KillAtStepCallback(TrainerCallback):
-    """Test hook: the process really dies by SIGKILL after optimizer step `step` (before any save)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TracingCollator:
-    """Test hook: collate, then append `{"ids", "texts"}` of the batch to a JSONL file (flushed per batch).
-
-    The Trainer's dataloader collates one batch ahead of the step that consumes it, so a trace
-    holds every consumed batch in order plus at most one prefetched batch at its end.
-    """
-
-    def __init__(self, collator: PaliGemmaCollator, path: str):
-        self.collator, self.path = collator, path
-
-    def __getattr__(self, name: str):
-        return getattr(self.collator, name)
-
-    def __call__(self, records: list[dict | None]) -> dict:
-        batch = self.collator(records)
-        kept = [r for r in records if r is not None]
-        line = {"ids": [r.get("id") for r in kept], "texts": [f"{r['prefix']}\n{r['suffix']}" for r in kept]}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
-        return batch
-
-
-class GenerationEvalCallback(TrainerCallback):
-    """Every `eval.eval_steps` steps, score generations on the capped eval subset and log them."""
-
-    def __init__(self, run: RunEval, every: int):
-        self.run, self.every = run, every
-        self.trainer: Trainer | None = None
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.trainer is not None and state.global_step % self.every == 0:
-            scores = self.run(self.trainer.model, label=f"step {state.global_step}")
-            self.trainer.log({f"eval/{k}": v for k, v in scores.items()})
-
-
-class RunEval:
-    """Generation metric of the task on a fixed eval subset (the same records before and after)."""
-
-    def __init__(self, recipe: Recipe, processor, task, records: list[dict], out_dir: Path, is_main: bool):
-        self.recipe, self.processor, self.task, self.records = recipe, processor, task, records
-        self.out_dir, self.is_main = out_dir, is_main
-        self.settings = GenerationSettings(
-            max_new_tokens=recipe.eval.max_new_tokens or task.max_new_tokens,
-            num_beams=recipe.eval.num_beams,
-            do_sample=recipe.eval.do_sample,
-            batch_size=recipe.eval.batch_size,
-        )
-
-    def __call__(self, model, label: str, save_as: str | None = None) -> dict[str, float]:
-        scores, rows = evaluate_task(
-            model, self.processor, self.task, self.records, self.settings,
-            max_length=self.recipe.data.max_length, progress=self.is_main, desc=f"eval ({label})",
-        )
-        if self.is_main:
-            logger.info("%s on %d held-out examples (%s): %s", self.task.name, len(rows), label, _fmt(scores))
-            if save_as:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                with open(self.out_dir / f"predictions_{save_as}.jsonl", "w") as f:
-                    for row in rows:
-                        f.write(json.dumps(row) + "\n")
-        return scores
-
-
-def _fmt(scores: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def training_arguments(recipe: Recipe, output_dir: Path) -> TrainingArguments:
+    import torch
+    from transformers import TrainingArguments
+
     t, log = recipe.training, recipe.logging
     if log.report_to == "tensorboard":  # transformers 5 reads the event directory from the environment
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs"))
@@ -163,7 +68,6 @@ def training_arguments(recipe: Recipe, output_dir: Path) -> TrainingArguments:
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
@@ -192,8 +96,21 @@ def training_arguments(recipe: Recipe, output_dir: Path) -> TrainingArguments:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(
+    argv: list[str] | None = None,
+    *,
+    callbacks: Sequence[TrainerCallback] = (),
+    wrap_collator: Callable[[PaliGemmaCollator], Callable[[list], dict]] | None = None,
+) -> int:
+    """Run a recipe from command-line arguments and return the exit code (see the module docstring).
+
+    `callbacks` join the Trainer's own; `wrap_collator(collator)` gives the collator the Trainer
+    calls instead of `collator` (tests/hooks.py uses both to kill a run and to trace its batches).
+    """
+    try:
+        args = parse_args(argv)
+    except SystemExit as usage:  # argparse: --help (0) or a usage error (2); a caller gets the code back
+        return usage.code if isinstance(usage.code, int) else 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
 
     # ---------------------------------------------------------------------------------------------- recipe
@@ -205,6 +122,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_recipe:
         save_recipe(recipe, "/dev/stdout")
         return 0
+
+    # --------------------------------------------------------------------------- the training stack
+    # Imported here, after the recipe is known to be valid: these take seconds to import.
+    import transformers
+    from transformers import set_seed
+
+    from pg_finetune.collator import PaliGemmaCollator
+    from pg_finetune.data import BadRecordError
+    from pg_finetune.model import ModelLoadError, load_model, load_processor
+    from pg_finetune.model_card import write_model_card
+    from pg_finetune.recipe_data import load_eval_records, train_dataset
+    from pg_finetune.report import write_report
+    from pg_finetune.tasks import get_task
+    from pg_finetune.trainer import (
+        STAGING_PREFIX,
+        GenerationEvalCallback,
+        NonFiniteLossError,
+        PaliGemmaTrainer,
+        RunEval,
+        last_complete_checkpoint,
+        remove_partial_checkpoints,
+    )
+    from pg_finetune.tuning import apply_tuning, describe_parameters, merge_adapter_into_base, merge_lora
+
     logging.getLogger("pg_finetune").setLevel(recipe.logging.log_level.upper())
     transformers.logging.set_verbosity_warning()
     output_dir = Path(recipe.training.output_dir)
@@ -220,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     model = apply_tuning(model, recipe.tuning, gradient_checkpointing=recipe.training.gradient_checkpointing)
+    method = recipe.tuning.method_spec  # its registry record: adapter or not, 4 bit or not
     logger.info("tuning method %s: %s", recipe.tuning.method, describe_parameters(model))
 
     # ------------------------------------------------------------------------------------ data + collator
@@ -232,17 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     logger.info("train: %d records from %s; eval: %d records", len(train_data), d.train, len(eval_records))
-    t = recipe.task
-    augment = None
-    if t.name == "detect" and (t.shuffle_objects is not False or t.negatives > 0):
-        augment = train_data = DetectionAugment(
-            train_data, seed=recipe.training.seed, shuffle_objects=t.shuffle_objects is not False,
-            negatives=t.negatives, all_classes=collect_classes(train_data),
-        )
+    augment_callbacks: list[TrainerCallback] = []
+    if task.augment is not None:  # e.g. detection: a new object order every epoch, negative classes
+        train_data, augment_callbacks = task.augment(train_data, recipe.task, recipe.training.seed)
     collator = PaliGemmaCollator(processor, max_length=d.max_length, padding_side=d.padding_side, truncation=d.truncation)
 
     # --------------------------------------------------------------------------------- metric before
-    run_eval = RunEval(recipe, processor, task, eval_records, output_dir, is_main)
+    try:
+        run_eval = RunEval(recipe, processor, task, eval_records, output_dir, is_main)
+    except ValueError as err:  # the eval records hold nothing the task's metric can score
+        print(f"error: eval: {err}", file=sys.stderr)
+        return 2
     before = run_eval(model, "before training", save_as="before") if eval_records and recipe.eval.before_and_after else None
 
     # ------------------------------------------------------------------------------------------ train
@@ -250,25 +192,20 @@ def main(argv: list[str] | None = None) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, output_dir)
         remove_partial_checkpoints(output_dir)  # a save cut short by a crash; never resumed from
-    callbacks: list[TrainerCallback] = []
+    trainer_callbacks: list[TrainerCallback] = []
     gen_eval = None
     if recipe.eval.eval_steps and eval_records:
         gen_eval = GenerationEvalCallback(run_eval, recipe.eval.eval_steps)
-        callbacks.append(gen_eval)
-    if augment is not None:
-        callbacks.append(EpochCallback(augment))
-    if os.environ.get(KILL_AT_STEP_ENV):
-        callbacks.append(KillAtStepCallback(int(os.environ[KILL_AT_STEP_ENV])))
-    train_collator = collator
-    if os.environ.get(TRACE_BATCHES_ENV):
-        train_collator = TracingCollator(collator, os.environ[TRACE_BATCHES_ENV])
+        trainer_callbacks.append(gen_eval)
+    trainer_callbacks += augment_callbacks
+    trainer_callbacks += callbacks
     trainer = PaliGemmaTrainer(
         model=model,
         args=training_arguments(recipe, output_dir),
         train_dataset=train_data,
-        data_collator=train_collator,
+        data_collator=wrap_collator(collator) if wrap_collator else collator,
         processing_class=processor,
-        callbacks=callbacks,
+        callbacks=trainer_callbacks,
         recipe=recipe,  # written into every checkpoint, inside the atomic rename
         label_positions_loss=recipe.training.label_positions_loss,
         cache_image_features=recipe.training.cache_image_features,
@@ -325,9 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if is_main:
         if recipe.training.merge_lora:
             merged_dir = output_dir / "merged"
-            if recipe.tuning.method == "qlora":  # merge into a full-precision copy of the base, not the 4-bit one
-                full_precision = replace(recipe.tuning, method="lora", load_in_4bit=False)
-                merged = merge_adapter_into_base(load_model(recipe.model, full_precision), final_dir)
+            if method.quantized:  # merge into a full-precision copy of the base, not the 4-bit one
+                merged = merge_adapter_into_base(load_model(recipe.model), final_dir)
             else:
                 merged = merge_lora(trainer.model)
             merged.save_pretrained(merged_dir)
@@ -345,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             before=before,
             after=after,
         )
-        is_adapter = recipe.tuning.method in ("lora", "qlora")
-        write_model_card(final_dir, redact_recipe(recipe), is_adapter=is_adapter, **card)
+        write_model_card(final_dir, redact_recipe(recipe), is_adapter=method.is_adapter, **card)
         if recipe.training.merge_lora:
             write_model_card(output_dir / "merged", redact_recipe(recipe), is_adapter=False, **card)
     summary = {

@@ -32,10 +32,14 @@ the stock Trainer (transformers 5.23) does not guarantee:
 
 4. **The loss is computed where the labels are** (`compute_loss` -> `pg_finetune.speed.suffix_loss`):
    logits only at suffix positions, and a frozen vision tower's image features cached.
+
+Also here, for the training entry: `RunEval` (the task metric on generated outputs, before and after
+training) and `GenerationEvalCallback` (the same every `eval.eval_steps` steps).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -45,12 +49,13 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from pg_finetune.generate import GenerationSettings, evaluate_task, scoreable
 from pg_finetune.recipe import Recipe, save_recipe
 from pg_finetune.speed import ImageFeatureCache, suffix_loss
 
@@ -277,12 +282,68 @@ def _safetensors_files(folder: Path) -> list[Path]:
     """The checkpoint's safetensors weight files (one file, or the shards its index names)."""
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        import json
-
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [folder / shard for shard in shards]
     single = folder / SAFE_WEIGHTS_NAME
     return [single] if single.is_file() else []
 
 
-__all__ = ["NonFiniteLossError", "PaliGemmaTrainer", "last_complete_checkpoint", "remove_partial_checkpoints"]
+# ----------------------------------------------------------------------------------------------------
+# Generation metrics: the task metric before and after training, and every eval.eval_steps
+# ----------------------------------------------------------------------------------------------------
+class RunEval:
+    """Generation metric of the task on a fixed eval subset (the same records before and after)."""
+
+    def __init__(self, recipe: Recipe, processor, task, records: list[dict], out_dir: Path, is_main: bool):
+        self.recipe, self.processor, self.task, self.records = recipe, processor, task, records
+        self.metric = task.get_metric(recipe.task.metric)  # the task's own unless the recipe names another
+        if records:
+            scoreable(self.metric, records)  # ValueError now, not mid-training, when none can be scored
+        self.out_dir, self.is_main = out_dir, is_main
+        self.settings = GenerationSettings(
+            max_new_tokens=recipe.eval.max_new_tokens or task.max_new_tokens,
+            num_beams=recipe.eval.num_beams,
+            do_sample=recipe.eval.do_sample,
+            batch_size=recipe.eval.batch_size,
+        )
+
+    def __call__(self, model, label: str, save_as: str | None = None) -> dict[str, float]:
+        scores, rows = evaluate_task(
+            model, self.processor, self.task, self.records, self.settings, metric=self.metric,
+            max_length=self.recipe.data.max_length, progress=self.is_main, desc=f"eval ({label})",
+        )
+        if self.is_main:
+            logger.info("%s on %d held-out examples (%s): %s", self.task.name, len(rows), label, _fmt(scores))
+            if save_as:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.out_dir / f"predictions_{save_as}.jsonl", "w") as f:
+                    for row in rows:
+                        f.write(json.dumps(row) + "\n")
+        return scores
+
+
+def _fmt(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
+
+
+class GenerationEvalCallback(TrainerCallback):
+    """Every `eval.eval_steps` steps, score generations on the capped eval subset and log them."""
+
+    def __init__(self, run: RunEval, every: int):
+        self.run, self.every = run, every
+        self.trainer: Trainer | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.trainer is not None and state.global_step % self.every == 0:
+            scores = self.run(self.trainer.model, label=f"step {state.global_step}")
+            self.trainer.log({f"eval/{k}": v for k, v in scores.items()})
+
+
+__all__ = [
+    "GenerationEvalCallback",
+    "NonFiniteLossError",
+    "PaliGemmaTrainer",
+    "RunEval",
+    "last_complete_checkpoint",
+    "remove_partial_checkpoints",
+]

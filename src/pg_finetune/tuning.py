@@ -3,7 +3,11 @@
     model = apply_tuning(model, recipe.tuning, gradient_checkpointing=True)
     print(describe_parameters(model))  # trainable params: 11,298,816 / 2,934,765,296 (0.38%)
 
-Methods (a plain dict registry, `METHODS`):
+Methods live in a plain dict registry, `METHODS`: name -> `TuningMethod` record (its `apply`
+function, what it trains, whether the result is a LoRA adapter, whether the base loads in 4 bit).
+Everything else asks the record (`method_of(cfg).is_adapter`), never the method's name, so a new
+method is one `_apply_*` function plus one line in `METHODS`; the recipe schema, the model loader,
+the model card and the report follow from its record.
 
 - full: every decoder weight trains, including the token embeddings and the lm_head
   tied to them; the vision tower and the projector train only when
@@ -17,19 +21,27 @@ Methods (a plain dict registry, `METHODS`):
   through peft's `modules_to_save` (so the adapter checkpoint carries them).
 - qlora: the same LoRA on a base already loaded in 4 bit with `quantization_config(cfg)`.
 
-`cfg` is the recipe's `TuningConfig`, or any object with the same attributes.
-Module names follow transformers >= 4.52 (`model.vision_tower`,
-`model.multi_modal_projector`, `model.language_model`, `lm_head`).
+`cfg` is the recipe's `TuningConfig`, or any object with the same attributes; the rules a valid
+one meets (ranks, adapters vs fully trained modules, ...) live in `pg_finetune.recipe`, and
+`apply_tuning` checks a cfg built in code against them. Module names follow transformers >= 4.52
+(`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`).
+
+This module imports torch, transformers and peft only inside the functions that need them: the
+recipe schema reads `METHODS`, and validating a recipe must not wait for torch.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import BitsAndBytesConfig
+if TYPE_CHECKING:
+    import torch
+    from transformers import BitsAndBytesConfig
 
 VISION_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.multi_modal_projector."
@@ -44,8 +56,6 @@ QLORA_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_h
 LORA_VISION_TARGETS = r".*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
 LORA_PROJECTOR_TARGETS = r".*multi_modal_projector\.linear"
 
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class MissingDependencyError(ImportError):
     """An optional dependency of the chosen recipe is not installed."""
@@ -57,33 +67,27 @@ class MissingDependencyError(ImportError):
 
 
 def quantization_config(cfg) -> BitsAndBytesConfig | None:
-    """The 4-bit `BitsAndBytesConfig` to load the base with for qlora; None for the other methods.
+    """The 4-bit `BitsAndBytesConfig` to load the base with for a quantized method (qlora); None otherwise.
 
-    Raises `MissingDependencyError` (an ImportError) when bitsandbytes is not installed.
+    Raises `MissingDependencyError` (an ImportError) when bitsandbytes is not installed: the
+    recipe schema refuses such a recipe already, this covers callers that build `cfg` in code.
     """
-    if cfg.method != "qlora":
-        if cfg.load_in_4bit:
-            raise ValueError(
-                f"tuning.load_in_4bit: true only works with tuning.method: qlora (got {cfg.method!r})"
-            )
+    if not method_of(cfg).quantized:
         return None
-    if not cfg.load_in_4bit:
-        raise ValueError("tuning.method: qlora needs tuning.load_in_4bit: true")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
         raise MissingDependencyError(
-            "tuning.method: qlora needs bitsandbytes; install it with pip install -e '.[qlora]'"
+            f"tuning.method: {cfg.method} needs bitsandbytes; install it with pip install -e '.[qlora]'"
         ) from err
-    if cfg.bnb_4bit_compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(
-            f"tuning.bnb_4bit_compute_dtype: unknown dtype {cfg.bnb_4bit_compute_dtype!r}; "
-            f"valid: {', '.join(COMPUTE_DTYPES)}"
-        )
+    from transformers import BitsAndBytesConfig
+
+    from pg_finetune.model import DTYPES
+
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
-        bnb_4bit_compute_dtype=COMPUTE_DTYPES[cfg.bnb_4bit_compute_dtype],
+        bnb_4bit_compute_dtype=DTYPES[cfg.bnb_4bit_compute_dtype],
         bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
         llm_int8_skip_modules=list(QLORA_SKIP_MODULES),
     )
@@ -146,16 +150,6 @@ def lora_target_regex(cfg) -> str:
 def _lora_config(cfg):
     from peft import LoraConfig
 
-    for adapter_flag, train_flag in (
-        ("lora_vision", "train_vision_tower"),
-        ("lora_projector", "train_projector"),
-    ):
-        if getattr(cfg, adapter_flag) and getattr(cfg, train_flag):
-            # peft silently skips adapters inside a modules_to_save module; say so instead.
-            raise ValueError(
-                f"tuning.{adapter_flag} and tuning.{train_flag} are both true: a fully trained module "
-                f"needs no adapter; set one of them to false"
-            )
     modules_to_save = []
     if cfg.train_vision_tower:
         modules_to_save.append("vision_tower")
@@ -193,7 +187,7 @@ def _wrap_in_lora(model, lora_config, gradient_checkpointing: bool):
 def _apply_qlora(model, cfg, gradient_checkpointing: bool):
     from peft import prepare_model_for_kbit_training
 
-    if not getattr(model, "is_loaded_in_4bit", False):
+    if not getattr(model, "is_loaded_in_4bit", False):  # a property of the model given, not of the recipe
         raise ValueError(
             "tuning.method: qlora expects a base loaded in 4 bit: pass quantization_config(cfg) "
             "to from_pretrained (or use method lora for a full-precision base)"
@@ -209,12 +203,40 @@ def _apply_qlora(model, cfg, gradient_checkpointing: bool):
     return _wrap_in_lora(model, lora_config, gradient_checkpointing)
 
 
-METHODS: dict[str, Callable[..., torch.nn.Module]] = {
-    "full": _apply_full,
-    "attention_only": _apply_attention_only,
-    "lora": _apply_lora,
-    "qlora": _apply_qlora,
+# ---------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuningMethod:
+    """One tuning method: how to apply it and what it means for loading, saving and reporting."""
+
+    name: str  # the recipe's tuning.method
+    apply: Callable[[Any, Any, bool], Any]  # (model, cfg, gradient_checkpointing) -> the model to train
+    trains: str  # what trains (everything else is frozen), for the recipe's help text and model cards
+    is_adapter: bool = False  # the result is a peft model: checkpoints hold LoRA adapters; merge_lora applies
+    quantized: bool = False  # the base loads in 4 bit (bitsandbytes), see quantization_config
+
+
+METHODS: dict[str, TuningMethod] = {
+    method.name: method
+    for method in (
+        TuningMethod("full", _apply_full, "every decoder weight, with the tied embeddings and lm_head"),
+        TuningMethod("attention_only", _apply_attention_only, "the decoder's self-attention (as big_vision)"),
+        TuningMethod("lora", _apply_lora, "LoRA adapters on a frozen base", is_adapter=True),
+        TuningMethod("qlora", _apply_qlora, "LoRA adapters on a 4-bit base", is_adapter=True, quantized=True),
+    )
 }
+
+
+def method_of(cfg) -> TuningMethod:
+    """The registry record of `cfg.method`; a ValueError listing the valid names for an unknown one."""
+    try:
+        return METHODS[cfg.method]
+    except KeyError:
+        valid = ", ".join(METHODS)
+        raise ValueError(f"tuning.method: unknown method {cfg.method!r}; valid: {valid}") from None
 
 
 def apply_tuning(model, cfg, *, gradient_checkpointing: bool = False) -> torch.nn.Module:
@@ -225,10 +247,14 @@ def apply_tuning(model, cfg, *, gradient_checkpointing: bool = False) -> torch.n
     layers recompute activations in backward (`use_reentrant=False`); do not turn it on
     again through the Trainer's `activation_checkpointing` argument.
     """
-    if cfg.method not in METHODS:
-        raise ValueError(f"tuning.method: unknown method {cfg.method!r}; valid: {', '.join(METHODS)}")
+    from pg_finetune.recipe import tuning_problems  # the schema's rules, for a cfg built in code
+
+    method = method_of(cfg)
+    problems = tuning_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
     _check_layout(model)
-    return METHODS[cfg.method](model, cfg, gradient_checkpointing)
+    return method.apply(model, cfg, gradient_checkpointing)
 
 
 # ---------------------------------------------------------------------------
@@ -274,7 +300,7 @@ def _numel(param: torch.Tensor) -> int:
     # quant_state.shape holds the real (out, in) shape.
     quant_state = getattr(param, "quant_state", None)
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        return int(torch.Size(quant_state.shape).numel())
+        return math.prod(quant_state.shape)
     if param.__class__.__name__ == "Params4bit":
         return 2 * param.numel() * param.element_size()
     return param.numel()
