@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pg_finetune.augment import DetectionAugment, EpochCallback, collect_classes
 from pg_finetune.loc import parse_detections
 from pg_finetune.tasks.detect import make_prefix, make_suffix
+from pg_finetune.tasks.detect.augment import DetectionAugment, EpochCallback, collect_classes
 
 WIDTH, HEIGHT = 640, 480
 CLASSES = ["cat", "dog", "bird", "car", "tree", "boat"]

@@ -14,15 +14,15 @@ import torch
 from PIL import Image
 
 from pg_finetune.collator import PaliGemmaCollator
-from pg_finetune.constrained import (
+from pg_finetune.generate import GenerationSettings, evaluate_task, generate
+from pg_finetune.loc import format_detections, loc_token, parse_detections
+from pg_finetune.tasks.detect.constrained import (
     DONE_STATE,
     DetectionConstraint,
     _label_token_ids,
     build_label_trie,
-    detect_labels,
 )
-from pg_finetune.generate import GenerationSettings, evaluate_task, generate
-from pg_finetune.loc import format_detections, loc_token, parse_detections
+from pg_finetune.tasks.detect.targets import prompt_classes as detect_labels
 from pg_finetune.tiny import build_processor, build_tiny, build_tokenizer
 
 

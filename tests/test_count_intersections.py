@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # data_prep/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(REPO))
 
-from data_prep.make_count_intersections import (  # noqa: E402
+from pg_finetune.prep.count_intersections import (  # noqa: E402
     COLORS,
     CollinearOverlapError,
     class_quotas,
@@ -183,6 +183,26 @@ def test_cli(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--line-width", "0"], "--line-width must be at least 1"), (["--size", "0"], "--size must be at least 32"),
+     (["--size", "40", "--line-width", "10"], "--size must be at least 80"), (["--num", "0"], "--num must be at least 1")],
+)  # fmt: skip
+def test_cli_refuses_settings_that_make_nonsense(tmp_path, capsys, args, message):
+    # A 0-width line would write blank images labelled with counts; size 0 failed in randrange.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_quiet_prints_nothing_and_returns_0(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--num", "2", "--size", "64", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert len(_read(tmp_path / "train.jsonl")) == 2
+
+
 # ------------------------------------------------------------------------------------------ task
 @pytest.mark.parametrize(
     ("text", "expected"),
@@ -239,19 +259,15 @@ def test_count_accuracy_by_hand():
 
 def test_task_references_accept_int_counts():
     assert isinstance(COUNT, Task)
-    assert (COUNT.name, COUNT.default_prefix, COUNT.reference_field) == (
-        "count_intersections",
-        "count the intersections",
-        "count",
-    )
+    assert (COUNT.name, COUNT.default_prefix) == ("count_intersections", "count the intersections")
     assert COUNT.max_new_tokens == 4
-    assert COUNT.references({"count": 2, "suffix": "2"}) == ["2"]
-    assert COUNT.references({"count": 0, "suffix": "0"}) == ["0"]  # 0 is a count, not a missing field
-    assert COUNT.references({"suffix": "1"}) == ["1"]
-    assert COUNT.references({"count": ["2"]}) == ["2"]
+    assert COUNT.reference({"count": 2, "suffix": "2"}) == ["2"]
+    assert COUNT.reference({"count": 0, "suffix": "0"}) == ["0"]  # 0 is a count, not a missing field
+    assert COUNT.reference({"suffix": "1"}) == ["1"]
+    assert COUNT.reference({"count": ["2"]}) == ["2"]
     records = [{"count": 2, "suffix": "2"}, {"count": 0, "suffix": "0"}]
     predictions = [COUNT.parse("two"), COUNT.parse("1")]
-    assert COUNT.score(predictions, [COUNT.references(r) for r in records]) == {
+    assert COUNT.score(predictions, [COUNT.reference(r) for r in records]).metrics == {
         "accuracy": 0.5,
         "accuracy/0": 0.0,
         "accuracy/2": 1.0,
@@ -266,5 +282,5 @@ def test_generated_jsonl_loads_as_records(generated):
     ds = load_records(str(out / "train.jsonl"), "train", default_prefix=COUNT.default_prefix)
     meta = ds.rows_meta(0)
     assert meta["count"] == int(meta["suffix"])
-    assert COUNT.references(meta) == [meta["suffix"]]
+    assert COUNT.reference(meta) == [meta["suffix"]]
     assert ds[0]["image"].size == (96, 96)

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # data_prep/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(REPO))
 
-from data_prep.create_od_dataset import InputError, main, read_coco, read_yolo_classes  # noqa: E402
 from pg_finetune.loc import format_detections  # noqa: E402
+from pg_finetune.prep.od_dataset import InputError, main, read_coco, read_yolo_classes  # noqa: E402
 
 W, H = 100, 50
 RAW_W, RAW_H = 120, 64  # stored size of the EXIF-tagged images
@@ -640,3 +640,24 @@ def test_help_exits_zero():
     )
     assert result.returncode == 0, result.stderr
     assert "--max-objects" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------ nothing to write
+def test_no_annotations_or_no_images_is_an_error_not_an_empty_jsonl(tmp_path, capsys):
+    images = tmp_path / "coco" / "images"
+    _image(images / "a.png")
+    annotations = tmp_path / "coco" / "instances.json"
+    annotations.write_text(json.dumps({"categories": [{"id": 1, "name": "cat"}], "annotations": [],
+                                       "images": [{"id": 1, "file_name": "a.png", "width": W, "height": H}]}))  # fmt: skip
+    out = tmp_path / "out"
+    args = ["--format", "coco", "--annotations", str(annotations), "--out", str(out), "--quiet"]
+    assert main([*args, "--images", str(images)]) == 2  # an image without objects: nothing to train on
+    assert "no image was written" in capsys.readouterr().err
+    assert not (out / "train.jsonl").exists() and json.loads((out / "train_summary.json").read_text())["no_objects"] == 1
+    with pytest.raises(SystemExit) as exit_info:  # a missing --images folder
+        main([*args, "--images", str(tmp_path / "nope")])
+    assert exit_info.value.code == 2 and "--images" in capsys.readouterr().err
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"categories": [], "images": [], "annotations": []}))
+    assert main(["--format", "coco", "--annotations", str(empty), "--images", str(images), "--out", str(out)]) == 2
+    assert "no images found" in capsys.readouterr().err

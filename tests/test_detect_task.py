@@ -11,14 +11,13 @@ import random
 
 import pytest
 
+from pg_finetune.metrics.boxes import box_iou, match_boxes
 from pg_finetune.tasks.base import Task
 from pg_finetune.tasks.detect import (
     DETECT,
-    box_iou,
-    detection_scores,
+    evaluate_detections,
     make_prefix,
     make_suffix,
-    match_boxes,
     shuffle_objects,
 )
 
@@ -35,8 +34,8 @@ def record(boxes, labels, prefix=None):
 def score(pairs):
     """[(prediction text, record)] -> scores, through the task's own parse/references/score."""
     predictions = [DETECT.parse(text) for text, _ in pairs]
-    references = [DETECT.references(rec) for _, rec in pairs]
-    return DETECT.score(predictions, references)
+    references = [DETECT.reference(rec) for _, rec in pairs]
+    return DETECT.score(predictions, references).metrics
 
 
 def test_task_contract():
@@ -46,14 +45,13 @@ def test_task_contract():
         DETECT.parse("  <loc0001><loc0001><loc0002><loc0002> cat \n")
         == "<loc0001><loc0001><loc0002><loc0002> cat"
     )
-    refs = DETECT.references(record([[1, 2, 3, 4]], ["cat"], prefix="detect cat ; dog"))
-    assert isinstance(refs, list) and len(refs) == 1 and isinstance(refs[0], str)
-    ref = json.loads(refs[0])
+    ref = DETECT.reference(record([[1, 2, 3, 4]], ["cat"], prefix="detect cat ; dog"))
+    assert json.loads(json.dumps(ref)) == ref  # written as it is into predictions files
     assert ref["boxes"] == [[1.0, 2.0, 3.0, 4.0]] and ref["labels"] == ["cat"]
     assert (ref["width"], ref["height"]) == (S, S)
     assert ref["classes"] == ["cat", "dog"]
     with pytest.raises(KeyError, match="width"):
-        DETECT.references({"boxes": [], "labels": [], "height": 5})
+        DETECT.reference({"boxes": [], "labels": [], "height": 5})
 
 
 def test_box_iou_by_hand():
@@ -150,7 +148,7 @@ def test_a_hit_at_a_threshold_is_not_lost_to_the_largest_total_iou():
 def test_no_gt_no_prediction_is_perfect_and_empty_eval_is_zero():
     scores = score([("", record([], [], prefix="detect cat"))])
     assert scores["miou"] == 1.0 and scores["precision@0.5"] == 1.0 and scores["invalid_rate"] == 0.0
-    assert detection_scores([], []) == {
+    assert evaluate_detections([], []).metrics == {
         "miou": 0.0,
         "acc@0.5": 0.0,
         "acc@0.75": 0.0,
@@ -159,7 +157,7 @@ def test_no_gt_no_prediction_is_perfect_and_empty_eval_is_zero():
         "invalid_rate": 0.0,
     }
     with pytest.raises(ValueError):
-        detection_scores(["x"], [])
+        evaluate_detections(["x"], [])
 
 
 # ---- prompt and target builders ---------------------------------------------------------------------

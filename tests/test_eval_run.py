@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -39,9 +40,9 @@ def test_scoring_a_predictions_file_counts_missing_as_wrong_and_reports_ids(tmp_
     assert "malformed prediction ids: d" in err
 
 
-def test_unknown_benchmark_lists_the_valid_ones():
-    with pytest.raises(SystemExit, match="valid: .*easyvqa"):
-        main(["--benchmark", "easyvq", "--model", "tiny"])
+def test_unknown_benchmark_lists_the_valid_ones(capsys):
+    assert main(["--benchmark", "easyvq", "--model", "tiny"]) == 2
+    assert re.search("valid: .*easyvqa", capsys.readouterr().err)
 
 
 def test_model_run_writes_predictions_and_namespaced_scores(tmp_path):
@@ -67,9 +68,9 @@ def test_scoring_writes_a_report_and_needs_both_files(tmp_path):
         main(["--benchmark", "vqa", "--predictions", str(tmp_path / "nope.jsonl"), "--references", refs])
 
 
-def test_benchmark_without_default_data_asks_for_data(tmp_path):
-    with pytest.raises(SystemExit, match="needs --data"):
-        main(["--benchmark", "detection", "--model", "tiny", "--out", str(tmp_path)])
+def test_benchmark_without_default_data_asks_for_data(tmp_path, capsys):
+    assert main(["--benchmark", "detection", "--model", "tiny", "--out", str(tmp_path)]) == 2
+    assert "needs --data" in capsys.readouterr().err
 
 
 def test_constrained_detection_flag_reaches_generation(tmp_path):
@@ -83,3 +84,11 @@ def test_constrained_detection_flag_reaches_generation(tmp_path):
     assert all(r["raw"].startswith("<loc") and r["prefix"].split()[-1] in r["raw"] for r in rows)
     assert "detection/test/map" in json.loads((out / "scores.json").read_text())
     assert not (out / "detections.html").exists()
+
+
+def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file, not a directory")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "below"):
+        assert main(["--benchmark", "easyvqa", "--model", "tiny", "--limit", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and "Traceback" not in err

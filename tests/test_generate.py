@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -96,3 +97,19 @@ def test_predict_cli_constrained_detection_parses(tmp_path, capsys):
     parsed = parse_detections(result["output"], 64, 48, allowed_labels=["circle", "red square"])
     assert parsed.malformed == 0 and result["malformed"] == 0
     assert len(result["detections"]) == len(parsed.detections) >= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--prompt", "  "], "--prompt is empty"), (["--prompt", "caption en", "--max-new-tokens", "0"], "at least 1"),
+     (["--prompt", "caption en", "--max-new-tokens", "-3"], "at least 1"),
+     (["--prompt", "detect cat", "--save-overlay", "no/such/dir/o.png"], "does not exist")],
+)  # fmt: skip
+def test_predict_cli_refuses_empty_prompts_bad_budgets_and_missing_folders(tmp_path, capsys, args, message):
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), "blue").save(image)
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error, before any model is loaded
+        predict_main(["--model", "tiny", "--image", str(image), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

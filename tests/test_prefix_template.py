@@ -42,5 +42,5 @@ def test_prefix_template_with_a_missing_field_names_record_and_field(tmp_path):
 def test_vqav2_answer_dicts_become_reference_strings():
     record = {"suffix": "2", "answers": [{"answer": "2", "answer_confidence": "yes", "answer_id": 1},
                                          {"answer": "two", "answer_confidence": "maybe", "answer_id": 2}]}
-    assert get_task("vqa").references(record) == ["2", "two"]
-    assert get_task("vqa").references({"suffix": "yes"}) == ["yes"]
+    assert get_task("vqa").reference(record) == ["2", "two"]
+    assert get_task("vqa").reference({"suffix": "yes"}) == ["yes"]

@@ -10,21 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pg_finetune.draw import PREDICTED_COLOUR, TRUTH_COLOUR, display_scale
 from pg_finetune.loc import format_detections
 from pg_finetune.recipe import load_recipe, recipe_from_dict, save_recipe
 from pg_finetune.recipe_data import load_eval_records
-from pg_finetune.report import (
-    PREDICTION_COLOR,
-    TRUTH_COLOR,
-    caption_cider_each,
-    confusion_matrix,
-    main,
-    read_log_history,
-    training_series,
-    write_report,
-)
-from pg_finetune.tasks import get_task
+from pg_finetune.report import main, read_log_history, training_series, write_report
+from pg_finetune.tasks import ScoreOptions, get_task
 from pg_finetune.tasks.caption import caption_scores
+from pg_finetune.tasks.count import confusion_matrix
 from pg_finetune.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +112,27 @@ def example_rows(page: Node) -> dict[str, dict]:
             row[which + "_images"] = [img.attrs["src"] for img in td.find_all("img")]
         rows[tr.attrs["data-id"]] = row
     return rows
+
+
+def element_ids(node: Node) -> set[str]:
+    found = set()
+    for child in node.children:
+        if isinstance(child, Node):
+            found |= {child.attrs["id"]} if "id" in child.attrs else set()
+            found |= element_ids(child)
+    return found
+
+
+def table_of_contents(page: Node) -> list[str]:
+    """The anchors the table of contents links to, checked: each names an element, and every section is listed
+    in page order."""
+    (nav,) = page.find_all("nav", class_="toc")
+    links = [a.attrs["href"] for a in nav.find_all("a")]
+    assert all(link.startswith("#") for link in links), links
+    anchors = [link[1:] for link in links]
+    assert set(anchors) <= element_ids(page), set(anchors) - element_ids(page)
+    assert anchors == [section.attrs["id"] for section in page.find_all("section")]
+    return anchors
 
 
 # ---- fabricated runs ----------------------------------------------------------------------------------
@@ -232,6 +246,9 @@ def test_before_and_after_columns_come_from_each_prediction_file(tmp_path):
     (metrics,) = page.find_all("table", class_="metrics")
     cells = [td.text() for td in metrics.find_all("td")]
     assert cells[:3] == ["0.0000", "0.6000", "+0.6000"]
+    # a table of contents with an anchor per section; no confusion matrices for VQA, no box legend
+    assert table_of_contents(page) == ["run", "metrics", "curves", "examples"]
+    assert not page.find_all("span", class_="legend-truth")
 
 
 def test_the_sample_is_seeded(tmp_path):
@@ -288,7 +305,7 @@ def test_detection_page_draws_true_and_predicted_boxes(tmp_path):
         [Image.new("RGB", (64, 64), (128, 128, 128)) for _ in ids],
     )
     task = get_task("detect")
-    reference = task.references(
+    reference = task.reference(
         {"boxes": [truth], "labels": ["circle"], "width": 64, "height": 64, "prefix": "detect circle"}
     )
     predicted = format_detections([((0, 0, 32, 32), "circle")], 64, 64)  # top-left quarter: IoU 0.5
@@ -311,15 +328,26 @@ def test_detection_page_draws_true_and_predicted_boxes(tmp_path):
     (after_src,) = row["after_images"]
     (before_src,) = row["before_images"]
     assert Image.open(run / after_src).size == (256, 256)  # 64 px enlarged 4x
-    magenta = pixels(after_src, PREDICTION_COLOR)
+    red = pixels(after_src, PREDICTED_COLOUR)
     # the predicted box (0, 0, 32, 32) px is (0, 0, 128, 128) on the 4x image; its label is drawn inside
-    assert magenta.min(axis=0).tolist() == [0, 0] and abs(magenta.max(axis=0) - 128).max() <= 1
-    lime = pixels(after_src, TRUTH_COLOR)
-    assert abs(lime.max(axis=0) - [255, 128]).max() <= 1  # truth reaches the bottom edge, x up to 128
-    assert len(pixels(before_src, PREDICTION_COLOR)) == 0  # the base model predicted nothing: no magenta
-    assert len(pixels(before_src, TRUTH_COLOR)) > 0
+    assert red.min(axis=0).tolist() == [0, 0] and abs(red.max(axis=0) - 128).max() <= 1
+    green = pixels(after_src, TRUTH_COLOUR)
+    assert abs(green.max(axis=0) - [255, 128]).max() <= 1  # truth reaches the bottom edge, x up to 128
+    assert len(pixels(before_src, PREDICTED_COLOUR)) == 0  # the base model predicted nothing: no red
+    assert len(pixels(before_src, TRUTH_COLOUR)) > 0
     # inside both boxes, the image is untouched
     assert Image.open(run / after_src).convert("RGB").getpixel((64, 192)) == (128, 128, 128)
+    # the image column shows the true boxes only
+    (truth_src,) = [src for src in row["images"] if src not in (after_src, before_src)]
+    assert len(pixels(truth_src, TRUTH_COLOUR)) > 0 and len(pixels(truth_src, PREDICTED_COLOUR)) == 0
+    # the task describes its reference and what its parser found; the page explains the colours
+    (tr,) = [tr for tr in page.find_all("tr") if tr.attrs.get("data-id") == "d0"]
+    (reference,) = tr.find_all("span", class_="reference")
+    assert reference.text() == "circle: (0, 0, 32, 64)\n64 x 64 px"
+    notes = {which: [d.text() for d in tr.find_all("td", class_=which)[0].find_all("div", class_="raw")]
+             for which in ("before", "after")}  # fmt: skip
+    assert "0 boxes" in notes["before"] and "1 box" in notes["after"]
+    assert page.find_all("span", class_="legend-truth") and page.find_all("span", class_="legend-pred")
 
 
 def test_count_confusion_matrix_counts_are_right():
@@ -383,16 +411,45 @@ def test_count_page_has_before_and_after_confusion_matrices(tmp_path):
         ("2", "2"): 0,
     }
     assert counts(tables["after"])[("2", "1")] == 1 and counts(tables["after"])[("2", "2")] == 1
+    assert table_of_contents(page) == ["run", "metrics", "curves", "confusion", "examples"]
     rows = example_rows(page)
     assert rows["c3"]["after_score"] == "wrong" and rows["c2"]["after_score"] == "correct"
     notes = " ".join(p.text() for p in page.find_all("p", class_="note"))
     assert "could not be loaded again" in notes and "test.jsonl" in notes
 
 
+def test_one_drawer_sizes_each_page_its_own_way():
+    report = {"min_side": 256, "max_side": 256, "whole": True}  # the report: thumbnails of about 256 px
+    assert display_scale((64, 64), **report) == 4  # enlarged by a whole factor: pixels stay square
+    assert display_scale((100, 50), **report) == 2
+    assert display_scale((200, 130), **report) == 1
+    assert display_scale((1024, 512), **report) == 0.25
+    assert display_scale((64, 48), min_side=320) == pytest.approx(320 / 48)  # the eval page: never shrunk
+    assert display_scale((1024, 512), min_side=320) == 1
+    assert display_scale((64, 48)) == 1  # predict's overlay: the image as it is
+
+
+def test_predict_and_the_eval_page_draw_in_the_reports_colours(tmp_path):
+    from pg_finetune.loc import Detection
+    from pg_finetune.pages import Example, write_detections_page
+    from pg_finetune.predict import draw_detections
+
+    image = Image.new("RGB", (100, 100), "white")
+    overlay = draw_detections(image, [Detection(box=(10.0, 20.0, 60.0, 80.0), label="cat", bins=(0, 0, 0, 0))])
+    assert overlay.size == image.size and overlay.getpixel((10, 50)) == PREDICTED_COLOUR
+    example = Example("x", Image.new("RGB", (64, 64), "white"), "detect cat", "", truth=[((4, 4, 30, 30), "cat", "")],
+                      predicted=[((34, 34, 60, 60), "cat", "")])  # fmt: skip
+    write_detections_page(tmp_path, [example], "t")
+    (png,) = (tmp_path / "detections").iterdir()
+    drawn = Image.open(png).convert("RGB")
+    assert drawn.size == (320, 320)  # 5x
+    assert drawn.getpixel((20, 60)) == TRUTH_COLOUR and drawn.getpixel((170, 250)) == PREDICTED_COLOUR
+
+
 def test_per_example_cider_is_the_corpus_computation():
     predictions = ["a red circle", "a blue square", "a green", ""]
     references = [["a red circle"], ["a blue triangle"], ["a green triangle", "green triangle"], ["a shape"]]
-    each = caption_cider_each(predictions, references)
+    each = get_task("caption").metric.scores_each(predictions, references, ScoreOptions())
     assert np.mean(each) == pytest.approx(caption_scores(predictions, references)["cider"])
     assert each[0] > each[1] > 0 and each[3] == 0.0
 
@@ -413,9 +470,9 @@ def test_log_history_prefers_the_runs_file_then_the_latest_checkpoint(tmp_path):
     (tmp_path / "log_history.json").write_text(json.dumps(log))
     history, source = read_log_history(tmp_path)
     assert history == log and source.endswith("log_history.json")
+    # no eval_loss: the Trainer never gets an eval dataset, so the report plots none
     assert training_series(history) == {
         "loss": [(1, 2.0)],
-        "eval_loss": [(1, 1.5)],
         "eval/exact_match": [(2, 0.25)],
     }
 

@@ -3,7 +3,7 @@
 Prompts are left-padded (so every row's new tokens start at the same column),
 decoded with the KV cache, greedy unless sampling or beams are asked for. With
 `constrain_detection`, rows whose prompt is `detect a ; b` are decoded under
-`pg_finetune.constrained.DetectionConstraint`, so their output always parses.
+`pg_finetune.tasks.detect.constrained.DetectionConstraint`, so their output always parses.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pg_finetune.collator import PaliGemmaCollator
+from pg_finetune.tasks.base import ScoreOptions
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +94,11 @@ def _detection_constraint(tokenizer, chunk, batch, settings, label_tries) -> dic
     """`logits_processor` kwargs constraining this batch's detect rows; {} when none is a detect prompt."""
     from transformers import LogitsProcessorList
 
-    from pg_finetune.constrained import DetectionConstraint, detect_labels
+    from pg_finetune.tasks.detect.constrained import DetectionConstraint
+    from pg_finetune.tasks.detect.targets import prompt_classes
 
     prefixes = [r["prefix"] for r in chunk]
-    if not any(detect_labels(p) for p in prefixes):
+    if not any(prompt_classes(p) for p in prefixes):
         return {}
     constraint = DetectionConstraint.for_records(
         tokenizer, prefixes, prompt_length=batch["input_ids"].shape[1],
@@ -111,19 +113,45 @@ def evaluate_task(
     task: Any,
     records: Sequence[dict],
     settings: GenerationSettings | None = None,
+    *,
+    metric: Any = None,
     **kwargs: Any,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Generate for `records`, parse with the task, score against the task's references.
+    """Generate for `records`, parse with the task, score with `metric` (default: the task's own).
 
-    Returns (scores, predictions) where each prediction row holds id, prompt,
-    prediction and references, ready to be written as JSONL.
+    Returns (scores, predictions) where each prediction row holds id, prompt, prediction and
+    reference, ready to be written as JSONL. Records the metric cannot score are left out
+    (`scoreable`).
     """
-    raw = generate(model, processor, records, settings, **kwargs)
+    metric = metric or task.metric
+    kept, references = scoreable(metric, records)
+    raw = generate(model, processor, kept, settings, **kwargs)
     predictions = [task.parse(text) for text in raw]
-    references = [task.references(r) for r in records]
-    scores = task.score(predictions, references)
+    scores = metric.score(predictions, references, ScoreOptions()).metrics
     rows = [
-        {"id": r.get("id", str(i)), "prefix": r["prefix"], "prediction": p, "raw": t, "references": refs}
-        for i, (r, p, t, refs) in enumerate(zip(records, predictions, raw, references, strict=True))
+        {"id": r.get("id", str(i)), "prefix": r["prefix"], "prediction": p, "raw": t, "references": ref}
+        for i, (r, p, t, ref) in enumerate(zip(kept, predictions, raw, references, strict=True))
     ]
     return scores, rows
+
+
+def scoreable(metric: Any, records: Sequence[dict]) -> tuple[list[dict], list[Any]]:
+    """(records the metric can score, their references); the others are left out with one warning.
+
+    ValueError when there are records and none can be scored: a score of nothing would read as 0.
+    """
+    references, kept, problems = [], [], []
+    for i, record in enumerate(records):
+        try:
+            references.append(metric.reference(record))
+        except (KeyError, ValueError, TypeError) as err:
+            problems.append(f"{record.get('where') or record.get('id', i)}: {err}")
+            continue
+        kept.append(record)
+    if problems:
+        if not kept:
+            raise ValueError(f"metric {metric.name!r} can score none of the {len(records)} eval records "
+                             f"(first: {problems[0]}); a record holds {metric.references_help}")  # fmt: skip
+        logger.warning("%d of %d eval records not scored by %s (first: %s)", len(problems), len(records),
+                       metric.name, problems[0])  # fmt: skip
+    return kept, references

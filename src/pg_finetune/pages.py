@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-TRUE_COLOUR = (30, 170, 60)
-PREDICTED_COLOUR = (230, 40, 40)
+from pg_finetune.draw import PREDICTED_COLOUR, TRUTH_COLOUR, draw_boxes
+
 MIN_SIDE = 320  # small images (easy-VQA is 64 px) are enlarged so boxes and labels stay readable
 
 
@@ -30,33 +30,18 @@ class Example:
     problems: Sequence[str] = ()
 
 
-def draw_boxes(example: Example) -> Image.Image:
-    scale = max(1.0, MIN_SIDE / min(example.image.size))
-    size = (round(example.image.width * scale), round(example.image.height * scale))
-    canvas = example.image.convert("RGB").resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(canvas)
-    width = max(2, round(min(size) / 160))
-    for boxes, colour, below in ((example.truth, TRUE_COLOUR, True), (example.predicted, PREDICTED_COLOUR, False)):
-        for box, label, _ in boxes:
-            x1, y1, x2, y2 = (v * scale for v in box)
-            draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
-            text_y = y2 + 2 if below else max(0, y1 - 12)
-            draw.text((x1 + width, text_y), label, fill=colour)
-    return canvas
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "example"
 
 
-def write_page(out_dir: Path, examples: Sequence[Example], title: str) -> Path:
+def write_detections_page(out_dir: Path, examples: Sequence[Example], title: str) -> Path:
     """Write out_dir/detections.html and out_dir/detections/*.png; return the page's path."""
     image_dir = out_dir / "detections"
     image_dir.mkdir(parents=True, exist_ok=True)
     cards = []
     for k, ex in enumerate(examples):
         name = f"{k:03d}_{_safe(ex.id)}.png"
-        draw_boxes(ex).save(image_dir / name)
+        draw_boxes(ex.image, ex.truth, ex.predicted, min_side=MIN_SIDE).save(image_dir / name)
         truth = "".join(f"<li>{html.escape(lab)} {_box(b)} {html.escape(note)}</li>" for b, lab, note in ex.truth)
         predicted = "".join(f"<li>{html.escape(lab)} {_box(b)}</li>" for b, lab, _ in ex.predicted)
         problems = "".join(f"<li>{html.escape(p)}</li>" for p in ex.problems)
@@ -74,7 +59,7 @@ def write_page(out_dir: Path, examples: Sequence[Example], title: str) -> Path:
 body {{ font-family: sans-serif; margin: 1em; }}
 .card {{ display: inline-block; vertical-align: top; width: 340px; margin: 6px; padding: 6px; border: 1px solid #ccc; }}
 .card img {{ max-width: 330px; }} code {{ word-break: break-all; }} ul {{ margin: 0; padding-left: 1.2em; }}
-.t {{ color: rgb{TRUE_COLOUR}; margin: 2px 0; }} .p {{ color: rgb{PREDICTED_COLOUR}; margin: 2px 0; }}
+.t {{ color: rgb{TRUTH_COLOUR}; margin: 2px 0; }} .p {{ color: rgb{PREDICTED_COLOUR}; margin: 2px 0; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p><span class="t">green: true boxes</span> (with the IoU of their match), <span class="p">red: predicted</span>.

@@ -7,17 +7,21 @@ Reads what a training run leaves in its output dir (`recipe.yaml`, `metrics.json
 `predictions_before.jsonl` / `predictions_after.jsonl`, `log_history.json` or the latest
 `checkpoint-N/trainer_state.json`) and writes beside them:
 
-- `curves.png`: training loss (and eval loss, when logged) and every generation metric the run
-  logged as `eval/...`, against optimiser steps; before / after values are marked at step 0 and
-  the last step;
+- `curves.png`: training loss and every generation metric the run logged as `eval/...`, against
+  optimiser steps; before / after values are marked at step 0 and the last step;
 - `report.html` (+ `report_files/` with the example images): the recipe summary, the metrics
   table, the curves, and a seeded sample of held-out examples showing the base model's and the
-  fine-tuned model's outputs side by side with per-example scores. Detection examples have the
-  true (green) and predicted (magenta) boxes drawn; counting gets confusion matrices.
+  fine-tuned model's outputs side by side with per-example scores.
+
+Everything task-specific comes from the task (`pg_finetune.tasks`): per-example scores
+(`task.metric.scores_each`, named `example_label`), how a reference reads (`describe_reference`),
+the boxes of tasks whose scores draw some (`Scored.drawn`: true boxes green, predicted red, by
+`pg_finetune.draw`), and confusion matrices for tasks that define `confusion` (counting).
+The page is `templates/report.html`, filled with `string.Template`.
 
 Prediction rows carry no image, so the eval records are loaded again from the saved recipe the
-way train.py loads them (`pg_finetune.recipe_data.load_eval_records`) and matched to the rows by id, prompt and references;
-a row that matches no record is shown without an image, and the page says so.
+way train.py loads them (`pg_finetune.recipe_data.eval_dataset`) and matched to the rows by id,
+prompt and references; a row that matches no record is shown without an image, and the page says so.
 """
 
 from __future__ import annotations
@@ -31,35 +35,34 @@ import random
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from string import Template
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pg_finetune.data import RecordDataset
+from pg_finetune.draw import PREDICTED_COLOUR, TRUTH_COLOUR, draw_boxes, resize_for_display
 from pg_finetune.jsonl import jsonl_objects
-from pg_finetune.metrics.captions import cider_each
 from pg_finetune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
-from pg_finetune.recipe_data import eval_dataset, smallest
-from pg_finetune.tasks import Task, get_task
+from pg_finetune.recipe_data import eval_dataset
+from pg_finetune.tasks import Scored, ScoreOptions, Task, get_task
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 CURVES_NAME = "curves.png"
 FILES_DIR = "report_files"
-TRUTH_COLOR = (0, 255, 0)  # lime: not one of the easy-vqa shape colours
-PREDICTION_COLOR = (255, 0, 255)  # magenta
-THUMBNAIL_SIDE = 256  # examples are shown at about this size; small images are enlarged (nearest neighbour)
+# Examples are shown at about this size: small images enlarged by a whole factor (pixels stay crisp),
+# large ones shrunk.
+THUMBNAIL_SIDE = 256
 MAX_METRIC_PANELS = 8
-LOWER_IS_BETTER = {"invalid_rate"}  # every other task metric: higher is better
+MAX_PROBLEMS_SHOWN = 5  # per output: a garbled one can have dozens
 
 
-# ----------------------------------------------------------------------------------------------------
-# Eval records: the same records train.py scores before and after training
-# ----------------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------------
 # What the run left on disk
 # ----------------------------------------------------------------------------------------------------
@@ -130,14 +133,18 @@ def load_run(run_dir: str | Path) -> Run:
 # Curves
 # ----------------------------------------------------------------------------------------------------
 def training_series(log_history: Sequence[dict]) -> dict[str, list[tuple[int, float]]]:
-    """{"loss": [(step, value), ...], "eval_loss": [...], "eval/<metric>": [...]} from Trainer logs."""
+    """{"loss": [(step, value), ...], "eval/<metric>": [...]} from Trainer logs.
+
+    No eval loss: the Trainer gets no eval dataset (generation metrics are the eval), so an
+    `eval_loss` entry could only come from elsewhere and is not plotted.
+    """
     series: dict[str, list[tuple[int, float]]] = {}
     for entry in log_history:
         step = entry.get("step")
         if step is None:
             continue
         for key, value in entry.items():
-            wanted = key in ("loss", "eval_loss") or key.startswith("eval/")
+            wanted = key == "loss" or key.startswith("eval/")
             if wanted and isinstance(value, (int, float)) and not isinstance(value, bool):
                 series.setdefault(key, []).append((int(step), float(value)))
     return series
@@ -172,26 +179,17 @@ def plot_curves(run: Run, path: Path) -> Path:
     flat = list(axes.flat)
 
     ax = flat[0]
-    losses = [v for key in ("loss", "eval_loss") for _, v in series.get(key, [])]
-    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o--")):
-        if series.get(key):
-            steps, values = zip(*series[key], strict=True)
-            ax.plot(steps, values, style, label=label, markersize=3)
-    if (
-        losses and min(losses) > 0 and max(losses) / min(losses) > 4
-    ):  # log scale shows both ends of a long fall
-        ax.set_yscale("log")
-    if not losses:
-        ax.text(
-            0.5,
-            0.5,
-            "no loss logged\n(training.logging_steps > steps?)",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-        )
-    else:
+    if series.get("loss"):
+        steps, losses = zip(*series["loss"], strict=True)
+        ax.plot(steps, losses, "-", label="train loss")
+        if min(losses) > 0 and max(losses) / min(losses) > 4:  # log scale shows both ends of a long fall
+            ax.set_yscale("log")
         ax.legend()
+    else:
+        ax.text(
+            0.5, 0.5, "no loss logged\n(training.logging_steps > steps?)",
+            ha="center", va="center", transform=ax.transAxes,
+        )  # fmt: skip
     ax.set_title("loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (suffix tokens)")
@@ -225,142 +223,54 @@ def plot_curves(run: Run, path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Per-example scores: one function per task, registry keyed by task name
+# Per-example scores, notes and boxes: the task's own metric
 # ----------------------------------------------------------------------------------------------------
-def _headline_each(
-    task: Task, predictions: Sequence[str], references: Sequence[Sequence[str]]
-) -> list[float]:
-    """The task's headline metric on each example alone (exact match, correct count, per-image mIoU)."""
-    return [
-        next(iter(task.score([p], [refs]).values())) for p, refs in zip(predictions, references, strict=True)
-    ]
-
-
-def caption_cider_each(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
-    """Per-example CIDEr-D, tokenized as the caption task's metric is, so the mean is its `cider`."""
-    return cider_each(predictions, references, tokenizer="auto")
-
-
-@dataclass(frozen=True)
-class ExampleScore:
-    name: str  # column title
-    binary: bool  # 0/1 scores, shown as correct / wrong
-    compute: Callable[[Task, Sequence[str], Sequence[Sequence[str]]], list[float]]
-
-
-EXAMPLE_SCORES: dict[str, ExampleScore] = {
-    "vqa": ExampleScore("exact match", True, _headline_each),
-    "count_intersections": ExampleScore("correct", True, _headline_each),
-    "detect": ExampleScore("mIoU", False, _headline_each),
-    "caption": ExampleScore("CIDEr", False, lambda task, p, r: caption_cider_each(p, r)),
-}
-
-
 def example_scores(task: Task, rows: Sequence[dict]) -> list[float]:
-    spec = EXAMPLE_SCORES.get(task.name, ExampleScore(task.name, False, _headline_each))
-    return spec.compute(task, [r["prediction"] for r in rows], [r["references"] for r in rows])
+    """Each row's score by the task's metric (`scores_each`: its mean is the headline metric)."""
+    predictions = [r["prediction"] for r in rows]
+    return task.metric.scores_each(predictions, [r["references"] for r in rows], ScoreOptions())
 
 
-# ----------------------------------------------------------------------------------------------------
-# Counting: confusion matrix
-# ----------------------------------------------------------------------------------------------------
-def confusion_matrix(rows: Sequence[dict]) -> tuple[list[str], list[str], Counter]:
-    """(true labels, predicted labels, Counter[(true, predicted)]) of counting rows.
-
-    Labels are counts as digits (parsed as the task scores them); a prediction holding no number
-    is counted under "other".
-    """
-    from pg_finetune.metrics.counting import read_count
-
-    def label(text: str) -> str:
-        count = read_count(text)
-        return "other" if count is None else str(count)
-
-    cells: Counter = Counter()
-    for row in rows:
-        truth = label(str(row["references"][0])) if row["references"] else "other"
-        cells[(truth, label(row["prediction"]))] += 1
-
-    def order(label: str) -> tuple[int, int | str]:
-        return (0, int(label)) if label.isdigit() else (1, label)
-
-    truths = sorted({t for t, _ in cells}, key=order)
-    predicted = sorted({p for _, p in cells} | set(truths), key=order)
-    return truths, predicted, cells
+def score_row(task: Task, row: dict) -> Scored | None:
+    """One row scored alone (its notes in `problems[0]`, its boxes in `drawn[0]`); None if it cannot be."""
+    try:
+        return task.metric.score([row["prediction"]], [row["references"]], ScoreOptions())
+    except (KeyError, TypeError, ValueError, IndexError):  # a row written by an older pg-finetune
+        return None
 
 
-def _confusion_html(title: str, rows: Sequence[dict]) -> str:
-    truths, predicted, cells = confusion_matrix(rows)
-    head = "".join(f"<th>{html.escape(p)}</th>" for p in predicted)
+def _confusion_html(title: str, matrix: tuple[list[str], list[str], Counter]) -> str:
+    truths, predicted, cells = matrix
+    head = "".join(f"<th>{_e(p)}</th>" for p in predicted)
     body = []
     for t in truths:
         tds = []
         for p in predicted:
             count = cells.get((t, p), 0)
             kind = "hit" if t == p and count else ("miss" if count else "zero")
-            tds.append(
-                f'<td class="{kind}" data-true="{html.escape(t)}" data-pred="{html.escape(p)}">{count}</td>'
-            )
-        body.append(f"<tr><th>{html.escape(t)}</th>{''.join(tds)}</tr>")
+            tds.append(f'<td class="{kind}" data-true="{_e(t)}" data-pred="{_e(p)}">{count}</td>')
+        body.append(f"<tr><th>{_e(t)}</th>{''.join(tds)}</tr>")
     return (
-        f'<table class="confusion" data-which="{html.escape(title)}">'
-        f"<caption>{html.escape(title)}: rows true count, columns predicted</caption>"
+        f'<table class="confusion" data-which="{_e(title)}">'
+        f"<caption>{_e(title)}: rows true, columns predicted</caption>"
         f"<tr><th>true \\ pred</th>{head}</tr>{''.join(body)}</table>"
     )
 
 
 # ----------------------------------------------------------------------------------------------------
-# Example images
-# ----------------------------------------------------------------------------------------------------
-def _thumbnail(image: Image.Image) -> tuple[Image.Image, float]:
-    """(display copy, scale): small images enlarged by a whole factor, large ones shrunk to THUMBNAIL_SIDE."""
-    side = max(image.size)
-    if side <= THUMBNAIL_SIDE // 2:
-        scale = float(THUMBNAIL_SIDE // side)
-        resample = Image.Resampling.NEAREST  # keep small images' pixels crisp
-    else:
-        scale = min(1.0, THUMBNAIL_SIDE / side)
-        resample = Image.Resampling.LANCZOS
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.convert("RGB").resize(size, resample), scale
-
-
-def draw_boxes(image: Image.Image, reference: dict, prediction: str | None) -> Image.Image:
-    """Display copy of `image` with the true boxes (lime) and, when given, the predicted ones (magenta).
-
-    Boxes are in the reference's pixel frame (`width` x `height`), rescaled to the image actually shown.
-    """
-    from pg_finetune.loc import parse_detections
-
-    canvas, scale = _thumbnail(image)
-    sx = scale * image.width / reference["width"]
-    sy = scale * image.height / reference["height"]
-    draw = ImageDraw.Draw(canvas)
-
-    def box(xyxy: Sequence[float], color: tuple[int, int, int], label: str | None) -> None:
-        x1, y1, x2, y2 = xyxy
-        draw.rectangle((x1 * sx, y1 * sy, x2 * sx, y2 * sy), outline=color, width=2)
-        if label:
-            draw.text((x1 * sx + 3, y1 * sy + 2), label, fill=color)
-
-    for xyxy in reference["boxes"]:
-        box(xyxy, TRUTH_COLOR, None)
-    if prediction is not None:
-        classes = reference.get("classes", reference["labels"])
-        for det in parse_detections(prediction, reference["width"], reference["height"], classes).detections:
-            box(det.box, PREDICTION_COLOR, det.label)
-    return canvas
-
-
-# ----------------------------------------------------------------------------------------------------
 # Matching prediction rows to eval records
 # ----------------------------------------------------------------------------------------------------
+def _as_json(value: Any) -> Any:
+    """`value` as it reads back from a JSONL file (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value))
+
+
 def match_rows(rows: Sequence[dict], dataset: RecordDataset, task: Task) -> list[int | None]:
     """Index into `dataset` of each prediction row, or None where no record has its id, prompt and references.
 
     Ids are matched in order (the k-th row with an id goes to the k-th record with it), so duplicate
     ids still pair up as train.py wrote them; the prompt and references must then agree too, or the
-    image would belong to another example.
+    image would belong to another example. References are compared as JSON reads them back.
     """
     by_id: dict[str, list[int]] = {}
     for index in range(len(dataset)):
@@ -375,41 +285,24 @@ def match_rows(rows: Sequence[dict], dataset: RecordDataset, task: Task) -> list
         if index is not None:
             meta = dataset.rows_meta(index)
             try:
-                references = task.references(meta)
-            except (KeyError, TypeError, ValueError):
-                references = None
-            if meta.get("prefix") != row.get("prefix") or references != row.get("references"):
+                same = _as_json(task.reference(meta)) == row.get("references")
+            except (KeyError, TypeError, ValueError):  # a record the metric cannot score was not written
+                same = False
+            if meta.get("prefix") != row.get("prefix") or not same:
                 index = None
         matched.append(index)
     return matched
 
 
 # ----------------------------------------------------------------------------------------------------
-# The page
+# The page: templates/report.html, filled with escaped HTML fragments
 # ----------------------------------------------------------------------------------------------------
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
-th { background: #f3f3f3; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.examples td { max-width: 320px; overflow-wrap: anywhere; }
-.prediction, .reference { font-family: ui-monospace, monospace; white-space: pre-wrap; }
-.raw { color: #777; font-size: 0.85em; font-family: ui-monospace, monospace; white-space: pre-wrap; }
-.empty { color: #999; font-style: italic; }
-.score { font-weight: bold; }
-.correct { color: #087f23; } .wrong { color: #b00020; }
-.note { background: #fff4e5; border-left: 4px solid #f0a020; padding: 0.5em 1em; }
-.better { color: #087f23; } .worse { color: #b00020; }
-table.confusion td.hit { background: #d8f5dc; } table.confusion td.miss { background: #fde2e2; }
-table.confusion td.zero { color: #bbb; }
-img.example { image-rendering: pixelated; display: block; margin-bottom: 4px; }
-.legend-truth { color: #0a0; font-weight: bold; } .legend-pred { color: #c0c; font-weight: bold; }
-"""
-
-
 def _e(value: Any) -> str:
     return html.escape(str(value))
+
+
+def _rgb(colour: tuple[int, int, int]) -> str:
+    return "rgb({}, {}, {})".format(*colour)
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -427,7 +320,7 @@ def _summary(run: Run) -> str:
     r, m = run.recipe, run.metrics or {}
     t, tu, d = r.training, r.tuning, r.data
     method = tu.method
-    if tu.method in ("lora", "qlora"):
+    if tu.method_spec.is_adapter:
         method += f" (r={tu.lora_r}, alpha={tu.lora_alpha}, dropout={tu.lora_dropout})"
     extra = [
         name
@@ -449,7 +342,7 @@ def _summary(run: Run) -> str:
         (
             "eval data",
             f"{d.eval or d.train} split {d.eval_split}, at most "
-            f"{smallest(r.eval.max_samples, d.max_eval_samples) or 'all'} records"
+            f"{r.eval.max_samples or 'all'} records"
             if d.eval_split
             else "none",
         ),
@@ -474,10 +367,7 @@ def _summary(run: Run) -> str:
         ("checkpoint", m.get("final_dir")),
     ]
     recipe_yaml = _e(_yaml(recipe_to_dict(r)))
-    return (
-        f"<h2>Run</h2>{_kv_table(pairs)}"
-        f"<details><summary>resolved recipe</summary><pre>{recipe_yaml}</pre></details>"
-    )
+    return f"{_kv_table(pairs)}<details><summary>resolved recipe</summary><pre>{recipe_yaml}</pre></details>"
 
 
 def _yaml(data: dict) -> str:
@@ -490,132 +380,102 @@ def _metrics_table(run: Run) -> str:
     m = run.metrics or {}
     before, after = m.get("before") or {}, m.get("after") or {}
     if not after and not before:
-        return (
-            "<h2>Metrics</h2><p>No before / after metrics (eval.before_and_after off or no eval split).</p>"
-        )
+        return "<p>No before / after metrics (eval.before_and_after off or no eval split).</p>"
+    keys = list(after) + [k for k in before if k not in after]
+    lower_is_better = set(get_task(run.recipe.task.name).metric.lower_is_better)  # the rest: higher is better
     rows = []
-    for key in list(after) + [k for k in before if k not in after]:
+    for key in keys:
         b, a = before.get(key), after.get(key)
-        change = ""
+        change = "<td></td>"
         if isinstance(b, (int, float)) and isinstance(a, (int, float)):
-            sign = -1 if key in LOWER_IS_BETTER else 1
+            sign = -1 if key in lower_is_better else 1
             kind = "better" if sign * (a - b) > 0 else "worse" if sign * (a - b) < 0 else "same"
             change = f'<td class="num {kind}">{a - b:+.4f}</td>'
-        else:
-            change = "<td></td>"
         rows.append(
             f'<tr><th>{_e(run.recipe.task.name)}/{_e(key)}</th><td class="num">{_number(b)}</td>'
             f'<td class="num">{_number(a)}</td>{change}</tr>'
         )
+    lower = [k for k in keys if k in lower_is_better]
     hint = (
-        '<p class="raw">invalid_rate: lower is better; every other metric: higher is better.</p>'
-        if run.recipe.task.name == "detect"
+        f'<p class="raw">{_e(", ".join(lower))}: lower is better; every other metric: higher is better.</p>'
+        if lower
         else ""
     )
     header = "<tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>"
-    return (
-        "<h2>Metrics (held-out, before vs after training)</h2>"
-        f'<table class="metrics">{header}{"".join(rows)}</table>{hint}'
-    )
+    return f'<table class="metrics">{header}{"".join(rows)}</table>{hint}'
 
 
 def _text_block(text: str, css: str) -> str:
-    return (
-        f'<span class="{css}">{_e(text)}</span>'
-        if text.strip()
-        else f'<span class="{css} empty">(empty)</span>'
-    )
+    if not text.strip():
+        return f'<span class="{css} empty">(empty)</span>'
+    return f'<span class="{css}">{_e(text)}</span>'
 
 
-def _detection_note(row: dict, reference: str) -> str:
-    """`2 boxes, 1 malformed`: what the detection parser made of a model's output."""
-    from pg_finetune.loc import parse_detections
-
-    ref = json.loads(reference)
-    parsed = parse_detections(
-        row["prediction"], ref["width"], ref["height"], ref.get("classes", ref["labels"])
-    )
-    found = len(parsed.detections)
-    text = f"{found} box{'es' if found != 1 else ''}"
-    return text + (f", {parsed.malformed} malformed" if parsed.malformed else "")
+def _references_html(task: Task, reference: Any) -> str:
+    try:
+        text = task.describe_reference(reference)
+    except (KeyError, TypeError, ValueError, IndexError):  # a row written by an older pg-finetune
+        text = json.dumps(reference)
+    return _text_block(text, "reference")
 
 
 def _output_cell(
-    which: str, row: dict | None, score: float | None, spec: ExampleScore, image_src: str | None, task: Task
+    which: str, row: dict | None, score: float | None, task: Task, scored: Scored | None, src: str | None
 ) -> str:
+    """One model's output for one example: its image (when drawn), text, parse notes and score."""
     if row is None:
         return f'<td class="{which}"><span class="empty">no prediction</span></td>'
     parts = []
-    if image_src:
-        parts.append(f'<img class="example" src="{_e(image_src)}" alt="{_e(which)}">')
+    if src:
+        parts.append(f'<img class="example" src="{_e(src)}" alt="{_e(which)}">')
     parts.append(_text_block(row["prediction"], "prediction"))
     if row.get("raw") is not None and row["raw"].strip() != row["prediction"]:
         parts.append(f'<div class="raw">raw: {_e(repr(row["raw"]))}</div>')
-    if task.name == "detect":
-        try:
-            parts.append(f'<div class="raw">{_e(_detection_note(row, row["references"][0]))}</div>')
-        except (ValueError, KeyError, TypeError, IndexError):
-            pass
+    if scored is not None:
+        if 0 in scored.drawn:
+            found = len(scored.drawn[0].predicted)
+            parts.append(f'<div class="raw">{found} box{"es" if found != 1 else ""}</div>')
+        problems = scored.problems.get(0, [])
+        parts += [f'<div class="raw">{_e(p)}</div>' for p in problems[:MAX_PROBLEMS_SHOWN]]
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            parts.append(f'<div class="raw">... and {len(problems) - MAX_PROBLEMS_SHOWN} more</div>')
     if score is not None:
-        if spec.binary:
-            ok = score >= 1.0
-            parts.append(
-                f'<div class="score {"correct" if ok else "wrong"}">{"correct" if ok else "wrong"}</div>'
-            )
+        if task.metric.binary:
+            verdict = "correct" if score >= 1.0 else "wrong"
+            parts.append(f'<div class="score {verdict}">{verdict}</div>')
         else:
-            parts.append(f'<div class="score">{_e(spec.name)} {score:.3f}</div>')
+            parts.append(f'<div class="score">{_e(task.metric.example_label)} {score:.3f}</div>')
     return f'<td class="{which}">{"".join(parts)}</td>'
 
 
-def _references_html(task: Task, references: Sequence[str]) -> str:
-    if task.name == "detect" and len(references) == 1:  # one JSON string with boxes and image size
-        try:
-            ref = json.loads(references[0])
-            lines = [
-                f"{lab}: ({', '.join(f'{v:g}' for v in box)})"
-                for box, lab in zip(ref["boxes"], ref["labels"], strict=True)
-            ]
-            return _text_block("\n".join(lines) or "(no objects)", "reference") + (
-                f'<div class="raw">{_e(ref["width"])} x {_e(ref["height"])} px</div>'
-            )
-        except (ValueError, KeyError, TypeError):
-            pass
-    return (
-        "".join(f"<div>{_text_block(r, 'reference')}</div>" for r in references)
-        or '<span class="empty">none</span>'
-    )
-
-
 def _example_images(
-    k: int, image: Image.Image, row: dict, row_b: dict | None, row_a: dict | None, task: Task, files_dir: Path
-) -> tuple[str, str | None, str | None]:
-    """Write example k's images; return (image cell html, before image src, after image src).
+    k: int, image: Image.Image, scored: dict[str, Scored | None], files_dir: Path
+) -> tuple[str, dict[str, str]]:
+    """Write example k's images; return (image cell html, {"before" / "after": src of that output's image}).
 
-    Detection: the image with the true boxes, and one per model with its predicted boxes drawn too.
+    When the task's score draws boxes: the image with the true boxes, and one per model with its
+    predicted boxes too; otherwise the image alone.
     """
-    if task.name != "detect":
+    size = dict(min_side=THUMBNAIL_SIDE, max_side=THUMBNAIL_SIDE, whole=True)
+    drawn = {which: s.drawn[0] for which, s in scored.items() if s is not None and 0 in s.drawn}
+    if drawn:
+        name = f"{k:03d}_truth.png"
+        draw_boxes(image, next(iter(drawn.values())).truth, **size).save(files_dir / name)
+    else:
         name = f"{k:03d}_image.png"
-        _thumbnail(image)[0].save(files_dir / name)
-        return f'<img class="example" src="{FILES_DIR}/{name}" alt="example {k}">', None, None
-    reference = json.loads(row["references"][0])
-    name = f"{k:03d}_truth.png"
-    draw_boxes(image, reference, None).save(files_dir / name)
-    sources = []
-    for which, model_row in (("before", row_b), ("after", row_a)):
-        if model_row is None:
-            sources.append(None)
-            continue
-        draw_boxes(image, reference, model_row["prediction"]).save(files_dir / f"{k:03d}_{which}.png")
-        sources.append(f"{FILES_DIR}/{k:03d}_{which}.png")
-    return f'<img class="example" src="{FILES_DIR}/{name}" alt="example {k}">', sources[0], sources[1]
+        resize_for_display(image, **size).save(files_dir / name)
+    sources = {}
+    for which, boxes in drawn.items():
+        draw_boxes(image, boxes.truth, boxes.predicted, **size).save(files_dir / f"{k:03d}_{which}.png")
+        sources[which] = f"{FILES_DIR}/{k:03d}_{which}.png"
+    return f'<img class="example" src="{FILES_DIR}/{name}" alt="example {k}">', sources
 
 
 def _examples(run: Run, files_dir: Path, sample_size: int, seed: int) -> str:
     task = get_task(run.recipe.task.name)
-    spec = EXAMPLE_SCORES.get(task.name, ExampleScore(task.name, False, _headline_each))
     base = run.before if run.before is not None else run.after
     if not base:
-        return "<h2>Examples</h2><p>No prediction files: nothing to compare.</p>"
+        return "<p>No prediction files: nothing to compare.</p>"
     notes = []
     before = run.before or [None] * len(base)
     after = run.after or [None] * len(base)
@@ -631,10 +491,17 @@ def _examples(run: Run, files_dir: Path, sample_size: int, seed: int) -> str:
             )
         n = min(len(run.before), len(run.after))
         before, after, base = before[:n], after[:n], base[:n]
-    scores = {
-        which: example_scores(task, rows) if rows is not None else None
-        for which, rows in (("before", run.before), ("after", run.after))
-    }
+    scores: dict[str, list[float] | None] = {"before": None, "after": None}
+    for which, rows in (("before", run.before), ("after", run.after)):
+        if rows is None:
+            continue
+        try:
+            scores[which] = example_scores(task, rows)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            notes.append(
+                f"predictions_{which}.jsonl cannot be scored by the {task.name} task's metric "
+                f"({type(err).__name__}: {err}); it may come from an older pg-finetune: train again to rewrite it."
+            )
     picked = sorted(random.Random(seed).sample(range(len(base)), min(sample_size, len(base))))
 
     # images: reload the eval records the run scored and match them to the rows
@@ -657,75 +524,92 @@ def _examples(run: Run, files_dir: Path, sample_size: int, seed: int) -> str:
     elif not notes:
         notes.append("the saved recipe has no eval split: no images to show.")
 
-    detect = task.name == "detect"
+    drew_boxes = False
     trs = []
     for k, i in enumerate(picked):
-        row_b, row_a = before[i], after[i]
+        rows = {"before": before[i], "after": after[i]}
+        scored = {which: score_row(task, row) for which, row in rows.items() if row is not None}
         record = dataset[matched[i]] if dataset is not None and matched[i] is not None else None
-        image_cell, src_b, src_a = '<span class="empty">no image</span>', None, None
+        image_cell, sources = '<span class="empty">no image</span>', {}
         if record is not None:
-            image_cell, src_b, src_a = _example_images(
-                k, record["image"], base[i], row_b, row_a, task, files_dir
-            )
-        score_b = scores["before"][i] if scores["before"] is not None else None
-        score_a = scores["after"][i] if scores["after"] is not None else None
-        prompt = _text_block(base[i]["prefix"], "prompt")
+            image_cell, sources = _example_images(k, record["image"], scored, files_dir)
+            drew_boxes = drew_boxes or bool(sources)
+        cells = ""
+        for which, row in rows.items():
+            score = scores[which][i] if scores[which] is not None else None
+            cells += _output_cell(which, row, score, task, scored.get(which), sources.get(which))
         trs.append(
             f'<tr data-id="{_e(base[i].get("id"))}"><td class="num">{i}</td><td>{image_cell}'
             f'<div class="raw">{_e(base[i].get("id"))}</div></td>'
-            f"<td>{prompt}</td><td>{_references_html(task, base[i]['references'])}</td>"
-            f"{_output_cell('before', row_b, score_b, spec, src_b, task)}"
-            f"{_output_cell('after', row_a, score_a, spec, src_a, task)}</tr>"
+            f"<td>{_text_block(base[i]['prefix'], 'prompt')}</td>"
+            f"<td>{_references_html(task, base[i].get('references'))}</td>{cells}</tr>"
         )
     legend = (
-        '<p>Boxes: <span class="legend-truth">lime = ground truth</span>, '
-        '<span class="legend-pred">magenta = the model\'s prediction</span>.</p>'
-        if detect
+        '<p>Boxes: <span class="legend-truth">green = ground truth</span>, '
+        '<span class="legend-pred">red = the model\'s prediction</span>.</p>'
+        if drew_boxes
         else ""
     )
     note_html = "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
+    label = _e(task.metric.example_label)
     header = (
         "<tr><th>#</th><th>image</th><th>prompt</th><th>reference(s)</th>"
-        f"<th>base model ({_e(spec.name)})</th><th>fine-tuned ({_e(spec.name)})</th></tr>"
+        f"<th>base model ({label})</th><th>fine-tuned ({label})</th></tr>"
     )
     return (
-        f"<h2>Examples: base vs fine-tuned</h2><p>{len(picked)} of {len(base)} held-out examples, "
-        f"sampled with seed {seed} (the same rows for both models).</p>{note_html}{legend}"
+        f"<p>{len(picked)} of {len(base)} held-out examples, sampled with seed {seed} (the same rows for "
+        f"both models).</p>{note_html}{legend}"
         f'<table class="examples">{header}{"".join(trs)}</table>'
     )
 
 
-def _confusions(run: Run) -> str:
-    if run.recipe.task.name != "count_intersections":
+def _confusions(run: Run, task: Task) -> str:
+    """The confusion-matrix section (before, after) of a task that defines `confusion`; "" otherwise."""
+    if task.confusion is None:
         return ""
-    parts = [
-        _confusion_html(which, rows) for which, rows in (("before", run.before), ("after", run.after)) if rows
+    tables = [
+        _confusion_html(which, task.confusion(rows))
+        for which, rows in (("before", run.before), ("after", run.after))
+        if rows
     ]
-    if not parts:
+    if not tables:
         return ""
-    return '<h2>Confusion matrices</h2><div class="confusions">' + "".join(parts) + "</div>"
+    return (
+        '<section id="confusion">\n<h2>Confusion matrices</h2>\n'
+        f'<div class="confusions">{"".join(tables)}</div>\n</section>'
+    )
+
+
+def _page(**fragments: str) -> str:
+    """templates/report.html with its `$name` fields filled (a field left unfilled is a KeyError)."""
+    text = (resources.files("pg_finetune") / "templates" / "report.html").read_text(encoding="utf-8")
+    return Template(text).substitute(fragments)
 
 
 def write_report(run_dir: str | Path, *, sample_size: int = 12, seed: int = 0) -> Path:
     """Write curves.png, report.html and report_files/ into `run_dir`; return the report's path."""
     run = load_run(run_dir)
+    task = get_task(run.recipe.task.name)
     out = run.run_dir
     files_dir = out / FILES_DIR
     if files_dir.is_dir():  # ours: drop images of an earlier report (another sample may be smaller)
         shutil.rmtree(files_dir)
     files_dir.mkdir(parents=True)
     plot_curves(run, out / CURVES_NAME)
-    examples = _examples(run, files_dir, sample_size, seed)
-    notes = "".join(f'<p class="note">{_e(n)}</p>' for n in run.notes)
-    r = run.recipe
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_e(r.name)}: pg-finetune report</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_e(r.name)}</h1><p>{_e(r.description)}</p>{notes}"
-        f"{_summary(run)}{_metrics_table(run)}"
-        f'<h2>Curves</h2><img src="{CURVES_NAME}" alt="training curves" style="max-width: 100%">'
-        f"{_confusions(run)}{examples}"
-        f'<p class="raw">run directory: {_e(out.resolve())}</p></body></html>\n'
+    confusions = _confusions(run, task)
+    page = _page(
+        title=_e(run.recipe.name),
+        description=_e(run.recipe.description),
+        notes="".join(f'<p class="note">{_e(n)}</p>' for n in run.notes),
+        truth_colour=_rgb(TRUTH_COLOUR),
+        predicted_colour=_rgb(PREDICTED_COLOUR),
+        confusion_link='<li><a href="#confusion">Confusion matrices</a></li>' if confusions else "",
+        summary=_summary(run),
+        metrics=_metrics_table(run),
+        curves=CURVES_NAME,
+        confusions=confusions,
+        examples=_examples(run, files_dir, sample_size, seed),
+        run_dir=_e(out.resolve()),
     )
     path = out / REPORT_NAME
     path.write_text(page, encoding="utf-8")

@@ -12,7 +12,7 @@ Boxes are pixel (x1, y1, x2, y2). Two matchings, each for its own number:
 the standard settings: IoU thresholds 0.50:0.05:0.95, 101 recall points, up to 100 detections
 per image, area range "all". Categories without any ground-truth box are left out of the mean,
 as COCOeval does. Generated detections carry no confidence, so the caller gives each box a
-score (see `eval/benchmarks/detection.py` for the choice made there).
+score (see `pg_finetune.tasks.detect.scoring` for the choice made there).
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
-from scipy.optimize import linear_sum_assignment
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy and scipy are imported where used: the task registry imports this module, and a recipe is
+# checked against that registry before any heavy import.
 
 Box = Sequence[float]
 
@@ -39,6 +43,8 @@ def box_iou(a: Box, b: Box) -> float:
 
 def iou_matrix(predicted: Sequence[Box], truth: Sequence[Box]) -> np.ndarray:
     """IoU of every (prediction, ground truth) pair: shape (len(predicted), len(truth))."""
+    import numpy as np
+
     return np.array([[box_iou(p, t) for t in truth] for p in predicted], dtype=float).reshape(
         len(predicted), len(truth)
     )
@@ -49,6 +55,8 @@ def match_boxes(predicted: Sequence[Box], truth: Sequence[Box]) -> list[float]:
     ious = [0.0] * len(truth)
     if not predicted or not truth:
         return ious
+    from scipy.optimize import linear_sum_assignment
+
     matrix = iou_matrix(predicted, truth)
     rows, cols = linear_sum_assignment(matrix, maximize=True)
     for r, c in zip(rows, cols, strict=True):
@@ -65,6 +73,8 @@ def hits_at(predicted: Sequence[Box], truth: Sequence[Box], threshold: float) ->
     """
     if not predicted or not truth:
         return 0
+    from scipy.optimize import linear_sum_assignment
+
     hits = (iou_matrix(predicted, truth) >= threshold).astype(float)
     rows, cols = linear_sum_assignment(hits, maximize=True)
     return int(hits[rows, cols].sum())
@@ -72,6 +82,8 @@ def hits_at(predicted: Sequence[Box], truth: Sequence[Box], threshold: float) ->
 
 def greedy_match(predicted: Sequence[Box], truth: Sequence[Box]) -> list[float]:
     """The greedy alternative (highest-IoU pair first, repeatedly), kept to show what Hungarian fixes."""
+    import numpy as np
+
     ious = [0.0] * len(truth)
     matrix = iou_matrix(predicted, truth)
     while matrix.size and matrix.max() > 0:

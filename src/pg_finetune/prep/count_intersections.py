@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import random
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
@@ -53,6 +54,7 @@ PREFIX = "count the intersections"
 NUM_POINTS = 3  # the paper's line plots: 3 points, i.e. 2 segments per line
 MAX_COUNT = NUM_POINTS - 1  # shared x positions: each x interval holds at most one crossing
 COLORS = ((31, 119, 180), (214, 39, 40))  # blue and red
+MIN_SIZE = 32  # px; smaller images leave no room between the margins for three points
 
 
 class CollinearOverlapError(ValueError):
@@ -123,6 +125,11 @@ def _point_line_distance(p: Point, line: Line) -> float:
 
 
 # ------------------------------------------------------------------------------------------ sampling
+def min_size(line_width: int) -> int:
+    """The smallest image side whose margins (`sample_lines`) leave room for the points of a line."""
+    return max(MIN_SIZE, 8 * line_width)
+
+
 def sample_lines(rng: random.Random, size: int, line_width: int) -> list[list[list[int]]]:
     """Two polylines of NUM_POINTS points: shared, equally spaced x; random integer y inside a margin."""
     margin = max(3 * line_width, size // 10)
@@ -181,7 +188,11 @@ def generate(
             f"classes must be a non-empty subset of 0..{MAX_COUNT} (3-point lines), got {classes}"
         )
     if num < 1:
-        raise ValueError(f"num must be at least 1, got {num}")
+        raise ValueError(f"--num must be at least 1, got {num}")
+    if line_width < 1:  # a 0-width line draws nothing: blank images labelled with counts
+        raise ValueError(f"--line-width must be at least 1, got {line_width}")
+    if size < min_size(line_width):
+        raise ValueError(f"--size must be at least {min_size(line_width)} for --line-width {line_width}, got {size}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -235,23 +246,32 @@ def generate(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def build_parser(prog: str = "pg-make-count-intersections") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog=prog,
         description="Make a balanced line-intersection counting dataset (JSONL + PNGs) for PaliGemma.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="Output dir: gets images/ and {split}.jsonl.")
-    parser.add_argument("--num", type=int, default=1000, help="Number of samples.")
+    parser.add_argument("--num", type=int, default=1000, help="Number of samples to make (>= 1).")
     parser.add_argument("--seed", type=int, default=0, help="Random seed (use another one per split).")
     parser.add_argument(
-        "--size", type=int, default=384, help="Image side in pixels (PaliGemma 224/448 resize it)."
+        "--size", type=int, default=384,
+        help=f"Image side in pixels, >= max({MIN_SIZE}, 8 x line width) (PaliGemma 224/448 resize it).",
     )
-    parser.add_argument("--line-width", type=int, default=4, help="Line width in pixels.")
+    parser.add_argument("--line-width", type=int, default=4, help="Line width in pixels, >= 1.")
     parser.add_argument("--split", default="train", help="Split name: the JSONL file and image name prefix.")
     parser.add_argument(
         "--classes", default="0,1,2", help=f"Comma-separated counts to balance, within 0..{MAX_COUNT}."
     )
-    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    parser.add_argument("--quiet", action="store_true", help="No progress bar and no summary.")
+    parser.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # older spelling: bar only
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: 0 when the set was written, 2 for bad arguments (argparse's usage error)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         classes = [int(c) for c in args.classes.split(",") if c.strip()]
@@ -259,26 +279,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"--classes: expected comma-separated integers like 0,1,2, got {args.classes!r}")
     try:
         summary = generate(
-            args.out,
-            args.num,
-            args.seed,
-            args.size,
-            args.line_width,
-            args.split,
-            classes,
-            not args.no_progress,
+            args.out, args.num, args.seed, args.size, args.line_width, args.split, classes,
+            not (args.quiet or args.no_progress),
         )
     except ValueError as err:
         parser.error(str(err))
-    print(f"wrote {sum(summary['per_class'].values())} samples to {summary['jsonl']}")
-    print("per class: " + ", ".join(f"{c}: {n}" for c, n in summary["per_class"].items()))
-    rejected = summary["rejected"]
-    print(
-        f"rejected {sum(rejected.values())} of {summary['candidates']} candidates: "
-        + (", ".join(f"{reason}: {n}" for reason, n in rejected.items()) or "none")
-    )
-    return summary
+    if not args.quiet:
+        print(f"wrote {sum(summary['per_class'].values())} samples to {summary['jsonl']}")
+        print("per class: " + ", ".join(f"{c}: {n}" for c, n in summary["per_class"].items()))
+        rejected = summary["rejected"]
+        print(
+            f"rejected {sum(rejected.values())} of {summary['candidates']} candidates: "
+            + (", ".join(f"{reason}: {n}" for reason, n in rejected.items()) or "none")
+        )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -743,6 +743,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.max_objects is not None and args.max_objects < 1:
         parser.error(f"--max-objects must be at least 1, got {args.max_objects}")
+    for flag in ("images", "labels", "annotations"):
+        path = getattr(args, flag)
+        if path is not None and not path.exists():
+            parser.error(f"--{flag} {path} does not exist")
     try:
         options = Options(
             class_map=parse_class_map(args.class_map),
@@ -769,10 +773,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if more > 0:
             print(f"error: ... and {more} more images like these", file=sys.stderr)
         return 2
+    if not entries:
+        print(f"error: no images found in the --format {args.format} input; nothing to convert", file=sys.stderr)
+        return 2
+    summaries = []
     for split, split_entries_ in split_entries(entries, args.split, args.val_fraction, args.seed).items():
-        summary = convert(split_entries_, args.out, split, options)
+        summaries.append(convert(split_entries_, args.out, split, options))
         if not args.quiet:
-            print(format_summary(summary))
+            print(format_summary(summaries[-1]))
+    if not any(summary["images_written"] for summary in summaries):
+        # An empty JSONL would train on nothing (or fail far later): say why here, and leave none behind.
+        for summary in summaries:
+            (args.out / f"{summary['split']}.jsonl").unlink(missing_ok=True)
+        print("error: no image was written (every image was skipped: see the counts above and "
+              f"{args.out}/*_summary.json); nothing to train on", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

@@ -1,16 +1,21 @@
 """Visual question answering: prefix `answer en <question>`, suffix the answer.
 
-Scoring here is exact match after light normalisation (lower case, strip,
-trailing period dropped), which is the easy-vqa metric; the official VQAv2
-accuracy (min(#humans/3, 1) over leave-one-out subsets) is `pg_finetune.metrics.vqa`,
-used by the eval suite's `vqav2` benchmark.
+References are `answers` (strings, or VQAv2's `{"answer": ...}` dicts), else the `suffix`.
+Two metrics over the same parser:
+- `exact_match` (the task's own): exact match after light normalisation (lower case, strip,
+  final period dropped), the easy-vqa metric, with `exact_match_yes_no` / `exact_match_other`
+  so that learning the yes/no format is not mistaken for seeing the image;
+- `vqav2_accuracy`: the official VQA accuracy (`pg_finetune.metrics.vqa`: min(#humans / 3, 1)
+  over leave-one-out subsets, with `accuracy/<answer type>`); a record with fewer than 3 answers
+  is refused with the reason, never silently scored 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pg_finetune.tasks.base import Task
+from pg_finetune.metrics.vqa import too_few_answers
+from pg_finetune.tasks.base import Metric, Scored, ScoreOptions, Task, check_lengths, text_references
 
 
 def normalize_answer(text: str) -> str:
@@ -18,15 +23,13 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    check_lengths(predictions, references)
     if not predictions:
         return {"exact_match": 0.0}
     correct = [
         normalize_answer(p) in {normalize_answer(r) for r in refs} for p, refs in zip(predictions, references, strict=True)
     ]
     scores = {"exact_match": sum(correct) / len(correct)}
-    # Split by answer type, so that learning the yes/no format is not mistaken for seeing the image.
     yes_no = [normalize_answer(refs[0]) in ("yes", "no") if refs else False for refs in references]
     for name, keep in (("yes_no", True), ("other", False)):
         picked = [c for c, yn in zip(correct, yes_no, strict=True) if yn is keep]
@@ -35,11 +38,58 @@ def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]])
     return scores
 
 
+def _answers(record: dict) -> list[str]:
+    return text_references(record, "answers")
+
+
+EXACT_MATCH = Metric(
+    name="exact_match",
+    reference=_answers,
+    score=lambda predictions, references, options: Scored(exact_match(predictions, references)),
+    example_label="exact match",
+    binary=True,
+    references_help='{"id": ..., "answers": ["..."]} (or "suffix")',
+)
+
+
+def _vqav2_reference(record: dict) -> dict:
+    answer_type = record.get("answer_type")
+    if answer_type is not None and not isinstance(answer_type, str):
+        raise ValueError(f"'answer_type' must be a string, got {answer_type!r}")
+    answers = _answers(record)
+    problem = too_few_answers(len(answers))
+    if problem:  # refused by record and reported: never a silent 0
+        raise ValueError(problem)
+    return {"answers": answers, "answer_type": answer_type}
+
+
+def _vqav2_score(predictions: Sequence[str], references: Sequence[dict], options: ScoreOptions) -> Scored:
+    from pg_finetune.metrics.vqa import vqa_scores
+
+    types = [r["answer_type"] for r in references]
+    answers = [r["answers"] for r in references]
+    return Scored(vqa_scores(predictions, answers, types if any(types) else None))
+
+
+VQAV2_ACCURACY = Metric(
+    name="vqav2_accuracy",
+    reference=_vqav2_reference,
+    score=_vqav2_score,
+    example_label="VQA accuracy",
+    references_help='{"id": ..., "answers": [10 strings or {"answer": ...}], "answer_type": "yes/no" (optional)}',
+)
+
+
+def _describe(reference) -> str:
+    answers = reference["answers"] if isinstance(reference, dict) else reference
+    return "\n".join(answers)
+
+
 VQA = Task(
     name="vqa",
     default_prefix="answer en",
-    reference_field="answers",
-    parse=str.strip,
-    score=exact_match,
+    metric=EXACT_MATCH,
+    alternatives=(VQAV2_ACCURACY,),
     max_new_tokens=8,
+    describe_reference=_describe,
 )

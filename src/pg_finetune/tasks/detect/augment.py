@@ -22,7 +22,7 @@ from typing import Any
 from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
-from pg_finetune.tasks.detect import make_prefix, make_suffix
+from pg_finetune.tasks.detect.targets import make_prefix, make_suffix
 
 DETECTION_FIELDS = ("boxes", "labels", "width", "height")
 

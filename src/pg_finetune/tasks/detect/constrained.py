@@ -35,7 +35,7 @@ import torch
 from transformers import LogitsProcessor
 
 from pg_finetune.loc import NUM_BINS, OBJECT_SEPARATOR, loc_token
-from pg_finetune.tasks.detect import prefix_classes
+from pg_finetune.tasks.detect.targets import prompt_classes
 
 BOX_TOKENS = 4  # y1, x1, y2, x2
 _LAST_BIN = NUM_BINS - 1
@@ -45,11 +45,6 @@ START, LOC, LABEL, DONE = 0, 1, 2, 3
 State = tuple[int, int, int, int]
 START_STATE: State = (START, 0, 0, 0)
 DONE_STATE: State = (DONE, 0, 0, 0)
-
-
-def detect_labels(prefix: str | None) -> list[str]:
-    """Labels a `detect a ; b` prompt names (whitespace collapsed, duplicates dropped); [] otherwise."""
-    return list(dict.fromkeys(" ".join(c.split()) for c in prefix_classes(prefix)))
 
 
 @dataclass
@@ -190,7 +185,7 @@ class DetectionConstraint(LogitsProcessor):
         cache = tries if tries is not None else {}
         per_record: list[LabelTrie | None] = []
         for prefix in prefixes:
-            labels = tuple(detect_labels(prefix))
+            labels = tuple(prompt_classes(prefix))
             if labels and labels not in cache:
                 cache[labels] = build_label_trie(tokenizer, labels)
             per_record.append(cache[labels] if labels else None)

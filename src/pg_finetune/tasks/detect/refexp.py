@@ -1,4 +1,4 @@
-"""`refexp`: referring expressions (RefCOCO-style): one box per prompt, mIoU and box accuracy.
+"""The `refexp` metric of the detect task: referring expressions (RefCOCO-style), one box per prompt.
 
     python -m eval.run --benchmark refexp --data data/refcoco_val.jsonl --model runs/x/final
 
@@ -8,46 +8,35 @@ Data: records with `image`, `prefix` (`detect the man on the left`; else built f
 The first well-formed `<loc>x4 label` segment of the output is the prediction, whatever its label
 (the label is the expression, which the model may shorten). Metrics: miou (IoU with the true box,
 0 without a valid box), acc@0.5 and acc@0.75 (IoU >= t), invalid_rate (outputs without a valid box).
-Also writes detections.html with the predicted (red) and true (green) box.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-from eval.benchmarks.base import Benchmark, Drawn, Scored, ScoreOptions
 from pg_finetune.loc import parse_detections
 from pg_finetune.metrics.boxes import accuracy_at, box_iou
-
-
-def _number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+from pg_finetune.tasks.base import Drawn, Metric, Scored, ScoreOptions, check_lengths
+from pg_finetune.tasks.detect.scoring import check_box, check_size
 
 
 def reference(record: dict) -> dict:
+    name = f"refexp record {record.get('id', '?')!r}"
     if "box" in record:
         box = record["box"]
     elif "boxes" in record:
         boxes = record["boxes"]
         if not isinstance(boxes, list) or len(boxes) != 1:
-            raise ValueError(f"'boxes' must hold exactly one box for refexp, got {boxes!r}")
+            raise ValueError(f"{name}: 'boxes' must hold exactly one box for refexp, got {boxes!r}")
         box = boxes[0]
     else:
-        raise KeyError("no 'box' (or one-box 'boxes') field")
-    if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)) or box[2] < box[0] or box[3] < box[1]:
-        raise ValueError(f"box {box!r} is not pixel [x1, y1, x2, y2] with x1 <= x2, y1 <= y2")
-    for key in ("width", "height"):
-        if key not in record:
-            raise KeyError(f"no {key!r} field")
-        if not _number(record[key]) or record[key] <= 0:
-            raise ValueError(f"{key!r} must be a positive number, got {record[key]!r}")
-    return {"box": [float(v) for v in box], "width": record["width"], "height": record["height"]}
+        raise KeyError(f"{name}: no 'box' (or one-box 'boxes') field")
+    width, height = check_size(record, name)
+    return {"box": check_box(box, name), "width": width, "height": height}
 
 
 def score(predictions: Sequence[str], references: Sequence[dict], options: ScoreOptions) -> Scored:
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    check_lengths(predictions, references)
     ious, problems, drawn = [], {}, {}
     for k, (text, ref) in enumerate(zip(predictions, references, strict=True)):
         parsed = parse_detections(text, ref["width"], ref["height"])
@@ -71,15 +60,14 @@ def score(predictions: Sequence[str], references: Sequence[dict], options: Score
     return Scored(metrics, problems, drawn)
 
 
-BENCHMARK = Benchmark(
+def describe_reference(reference: dict) -> str:
+    return f"({', '.join(f'{v:g}' for v in reference['box'])})\n{reference['width']} x {reference['height']} px"
+
+
+REFEXP = Metric(
     name="refexp",
-    description="referring expressions, one box per prompt: mIoU, acc@0.5",
-    task="detect",
-    source=None,
-    split="validation",
-    references_help='{"id": ..., "box": [x1, y1, x2, y2] (or "boxes": [[...]]), "width": W, "height": H}',
     reference=reference,
     score=score,
-    prefix="detect {expression}",
-    draw=True,
+    example_label="IoU",
+    references_help='{"id": ..., "box": [x1, y1, x2, y2] (or "boxes": [[...]]), "width": W, "height": H}',
 )

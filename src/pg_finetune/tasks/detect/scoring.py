@@ -1,109 +1,50 @@
-"""Object detection: prefix `detect a ; b`, suffix `<locY1><locX1><locY2><locX2> a ; ...`.
+"""Detection scoring: references checked, outputs parsed, matched per image and label, pooled.
 
-Records carry `boxes` (pixel x1, y1, x2, y2), `labels`, `width` and `height`; the
-location-token format lives in `pg_finetune.loc`. Parsing needs the image size, so
-`parse` only strips the text and `references(record)` packs the ground truth and the
-image size into one JSON string, which `score` decodes.
-
-Scoring matches predictions to ground truth one-to-one per image and label. Metrics,
-pooled over all ground-truth boxes / predictions:
+References are a record's `boxes` (pixel x1, y1, x2, y2), `labels`, `width`, `height` and the
+classes its prompt names (`detection_reference`). Scoring matches predictions to ground truth
+one-to-one per image and label. Metrics, pooled over all ground-truth boxes / predictions:
 miou (IoU of each GT box with its match in the matching of largest total IoU, Hungarian;
 0 when unmatched); at a threshold t, the hits are a maximum one-to-one matching among the
 pairs with IoU >= t (`metrics.boxes.hits_at`: the largest-total-IoU matching can lose a hit):
 acc@0.5 (RefCOCO-style: hits / GT boxes; equals recall@0.5), acc@0.75, precision@0.5
-(hits / predicted boxes), recall@0.5, and invalid_rate (malformed segments / segments).
-IoU and matching live in `pg_finetune.metrics.boxes`; the eval suite adds COCO mAP
-(`evaluate_detections(..., with_map=True)`).
+(hits / predicted boxes), recall@0.5, invalid_rate (malformed segments / segments), and
+map, map50, map75 from pycocotools.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
-from pg_finetune.loc import DETECT_PREFIX, ParseResult, detect_prefix, format_detections, parse_detections
-from pg_finetune.metrics.boxes import ImageBoxes, box_iou, coco_map, hits_at, match_boxes
-from pg_finetune.tasks.base import Task
-
-__all__ = [
-    "DETECT", "DetectTask", "DetectionEvaluation", "box_iou", "detection_reference", "detection_scores",
-    "evaluate_detections", "make_prefix", "make_suffix", "match_boxes", "shuffle_objects",
-]  # fmt: skip
+from pg_finetune.loc import ParseResult, parse_detections
+from pg_finetune.metrics.boxes import ImageBoxes, coco_map, hits_at, match_boxes
+from pg_finetune.tasks.base import Drawn, Scored, ScoreOptions, check_lengths
+from pg_finetune.tasks.detect.targets import prompt_classes
 
 IOU_THRESHOLDS = (0.5, 0.75)  # acc@t for each; precision and recall at the first
-T = TypeVar("T")
-
-
-# ---- building prompts and targets ---------------------------------------------------------------
-
-
-def shuffle_objects(objects: Sequence[T], rng: random.Random | None = None) -> list[T]:
-    """A copy of `objects`, shuffled when `rng` is given (the pipeline reseeds it every epoch).
-
-    PaliGemma's detection transfers train on shuffled object order so the model does
-    not learn one arbitrary order as part of the task.
-    """
-    objects = list(objects)
-    if rng is not None:
-        rng.shuffle(objects)
-    return objects
-
-
-def make_suffix(
-    boxes: Sequence[Sequence[float]],
-    labels: Sequence[str],
-    width: float,
-    height: float,
-    *,
-    rng: random.Random | None = None,
-    max_objects: int | None = None,
-) -> str:
-    """Target text for a detection record; objects shuffled when `rng` is given, then cut to `max_objects`."""
-    if len(boxes) != len(labels):
-        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
-    objects = shuffle_objects(list(zip(boxes, labels, strict=True)), rng)
-    if max_objects is not None:
-        objects = objects[:max_objects]
-    return format_detections(objects, width, height)
-
-
-def make_prefix(
-    labels_present: Sequence[str],
-    all_classes: Sequence[str] | None = None,
-    negatives: int = 0,
-    rng: random.Random | None = None,
-) -> str:
-    """`detect a ; b`: the present classes plus up to `negatives` classes absent from the image.
-
-    Absent classes appear in the prompt but not in the suffix, which teaches the model
-    to say nothing for a class it cannot see. Without `rng` the negatives are the first
-    absent classes of `all_classes` and the order is kept; with `rng` the negatives are
-    sampled and the whole class list is shuffled.
-    """
-    present = list(dict.fromkeys(labels_present))
-    absent = [c for c in dict.fromkeys(all_classes or ()) if c not in set(present)]
-    if negatives < 0:
-        raise ValueError(f"negatives must be >= 0, got {negatives}")
-    count = min(negatives, len(absent))
-    picked = rng.sample(absent, count) if rng is not None else absent[:count]
-    return detect_prefix(shuffle_objects(present + picked, rng))
-
-
-# ---- scoring --------------------------------------------------------------------------------------
-
-
-def prefix_classes(prefix: str | None) -> list[str]:
-    if not prefix or not prefix.startswith(DETECT_PREFIX + " "):
-        return []
-    return [c.strip() for c in prefix[len(DETECT_PREFIX) + 1 :].split(";") if c.strip()]
 
 
 def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_box(box: object, name: str) -> list[float]:
+    """`box` as four floats if it is pixel [x1, y1, x2, y2] with x1 <= x2 and y1 <= y2, else ValueError."""
+    ok = isinstance(box, list | tuple) and len(box) == 4 and all(_is_number(v) for v in box)
+    if not ok or box[2] < box[0] or box[3] < box[1]:
+        raise ValueError(f"{name}: box {box!r} is not pixel [x1, y1, x2, y2] with x1 <= x2, y1 <= y2")
+    return [float(v) for v in box]
+
+
+def check_size(record: dict, name: str) -> tuple[float, float]:
+    """(width, height) of the image, each a positive number; KeyError / ValueError naming the key."""
+    for key in ("width", "height"):
+        if key not in record:
+            raise KeyError(f"{name}: no {key!r} field")
+        if not _is_number(record[key]) or record[key] <= 0:
+            raise ValueError(f"{name}: '{key}' must be a positive number, got {record[key]!r}")
+    return record["width"], record["height"]
 
 
 def detection_reference(record: dict) -> dict:
@@ -113,33 +54,26 @@ def detection_reference(record: dict) -> dict:
     numbers x1 <= x2, y1 <= y2; boxes and labels of different lengths; a size that is not > 0).
     `classes` are the classes named in the prompt (absent negatives included) plus the labels.
     """
-    name = record.get("id", "?")
+    name = f"detection record {record.get('id', '?')!r}"
     missing = [k for k in ("boxes", "labels", "width", "height") if k not in record]
     if missing:
-        raise KeyError(f"detection record {name!r} lacks {missing}")
+        raise KeyError(f"{name} lacks {missing}")
     boxes, labels = record["boxes"], record["labels"]
     if not isinstance(boxes, list) or not isinstance(labels, list):
-        raise ValueError(f"detection record {name!r}: 'boxes' and 'labels' must be lists")
+        raise ValueError(f"{name}: 'boxes' and 'labels' must be lists")
     if len(boxes) != len(labels):
-        raise ValueError(f"detection record {name!r}: {len(boxes)} boxes but {len(labels)} labels")
-    for box in boxes:
-        ok = isinstance(box, list | tuple) and len(box) == 4 and all(_is_number(v) for v in box)
-        if not ok or box[2] < box[0] or box[3] < box[1]:
-            raise ValueError(
-                f"detection record {name!r}: box {box!r} is not pixel [x1, y1, x2, y2] with x1 <= x2, y1 <= y2"
-            )
+        raise ValueError(f"{name}: {len(boxes)} boxes but {len(labels)} labels")
+    checked = [check_box(box, name) for box in boxes]
     if not all(isinstance(label, str) and label.strip() for label in labels):
-        raise ValueError(f"detection record {name!r}: 'labels' must be non-empty strings, got {labels!r}")
-    for key in ("width", "height"):
-        if not _is_number(record[key]) or record[key] <= 0:
-            raise ValueError(f"detection record {name!r}: '{key}' must be a positive number, got {record[key]!r}")
+        raise ValueError(f"{name}: 'labels' must be non-empty strings, got {labels!r}")
+    width, height = check_size(record, name)
     return {
-        "boxes": [[float(v) for v in box] for box in boxes],
+        "boxes": checked,
         "labels": list(labels),
-        "width": record["width"],
-        "height": record["height"],
+        "width": width,
+        "height": height,
         # Classes named in the prompt (absent negatives included) are valid answers, just wrong ones.
-        "classes": list(dict.fromkeys(prefix_classes(record.get("prefix")) + list(labels))),
+        "classes": list(dict.fromkeys(prompt_classes(record.get("prefix")) + list(labels))),
     }
 
 
@@ -166,8 +100,7 @@ def evaluate_detections(
     map, map50, map75 (pycocotools). Generated boxes carry no confidence: for mAP the k-th box of
     an output (k = 0, 1, ...) gets score 1 / (k + 1) when `score_by_order`, else 1.0 for all.
     """
-    if len(texts) != len(references):
-        raise ValueError(f"{len(texts)} predictions for {len(references)} references")
+    check_lengths(texts, references)
     keys = ("miou", "acc@0.5", "acc@0.75", "precision@0.5", "recall@0.5", "invalid_rate")
     if not texts:
         zeros = dict.fromkeys(keys + (("map", "map50", "map75") if with_map else ()), 0.0)
@@ -220,31 +153,25 @@ def evaluate_detections(
     return DetectionEvaluation(metrics, images)
 
 
-def detection_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """The task's metric: references are the one-JSON-string lists that `DETECT.references` makes."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    refs = []
-    for ref in references:
-        if len(ref) != 1:
-            raise ValueError(f"a detection reference is one JSON string, got {len(ref)}")
-        refs.append(json.loads(ref[0]))
-    return evaluate_detections(predictions, refs).metrics
+def score(predictions: Sequence[str], references: Sequence[dict], options: ScoreOptions) -> Scored:
+    """The detect task's metric, with each image's malformed segments and boxes to draw."""
+    result = evaluate_detections(
+        predictions, references, with_map=True, score_by_order=options.detection_scores == "order"
+    )
+    problems, drawn = {}, {}
+    for k, (image, ref) in enumerate(zip(result.images, references, strict=True)):
+        if image.parsed.malformed:
+            problems[k] = [f"malformed detection: {p}" for p in image.parsed.problems]
+        drawn[k] = Drawn(
+            truth=[(box, lab, f"IoU {iou:.2f}") for box, lab, iou in zip(ref["boxes"], ref["labels"], image.truth_ious, strict=True)],
+            predicted=[(d.box, d.label, "") for d in image.parsed.detections],
+        )  # fmt: skip
+    return Scored(result.metrics, problems, drawn)
 
 
-@dataclass(frozen=True)
-class DetectTask(Task):
-    """Detection needs the image size to parse, so references carry it as one JSON string."""
-
-    def references(self, record: dict) -> list[str]:
-        return [json.dumps(detection_reference(record))]
-
-
-DETECT = DetectTask(
-    name="detect",
-    default_prefix=DETECT_PREFIX,
-    reference_field="objects",
-    parse=str.strip,
-    score=detection_scores,
-    max_new_tokens=128,  # about 7 tokens an object (4 locations, label, ` ;`): room for ~16 objects
-)
+def describe_reference(reference: dict) -> str:
+    lines = [
+        f"{label}: ({', '.join(f'{v:g}' for v in box)})"
+        for box, label in zip(reference["boxes"], reference["labels"], strict=True)
+    ]
+    return "\n".join(lines or ["(no objects)"]) + f"\n{reference['width']} x {reference['height']} px"
