@@ -37,7 +37,7 @@ from typing import Any
 
 from pg_finetune.benchmarks import BENCHMARKS, Benchmark, get_benchmark
 from pg_finetune.jsonl import jsonl_objects
-from pg_finetune.metrics.captions import TOKENIZERS, resolve_tokenizer
+from pg_finetune.metrics.captions import TOKENIZERS
 from pg_finetune.tasks import Scored, ScoreOptions
 
 REPORT_LISTS = ("missing", "unknown", "empty", "malformed", "duplicate_predictions", "bad_references",
@@ -391,8 +391,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if not args.quiet:
             print_report(report)
         raise UsageError(refused + f" (details in {out / 'report.json'})")
-    if bench.task == "caption":
-        report["caption_tokenizer"] = resolve_tokenizer(args.caption_tokenizer)
+    metric = bench.get_metric()
+    if metric.settings is not None:
+        report.update(metric.settings(options))
     if scored.drawn:
         page = write_detections_page(out, bench, ids, scored, predictions, ref_rows, dataset, args, report)
         if page is not None:

@@ -65,6 +65,8 @@ class Metric:
     each: per-example scores whose mean is the headline metric; default: the headline on each alone.
     references_help: what a line of a references file holds.
     lower_is_better: metric names where smaller is better (every other one: higher is better).
+    settings: options -> what the scores depend on beyond the data, for report.json (e.g. which
+        caption tokenizer ran); None when nothing.
     """
 
     name: str
@@ -75,6 +77,7 @@ class Metric:
     binary: bool = False
     lower_is_better: tuple[str, ...] = ("invalid_rate",)
     each: Callable[[Sequence[str], Sequence[Any], ScoreOptions], list[float]] | None = None
+    settings: Callable[[ScoreOptions], dict[str, Any]] | None = None
 
     def scores_each(self, predictions: Sequence[str], references: Sequence[Any], options: ScoreOptions) -> list[float]:
         if self.each is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pg_finetune.metrics.captions import caption_scores, cider_each
+from pg_finetune.metrics.captions import caption_scores, cider_each, resolve_tokenizer
 from pg_finetune.tasks.base import Metric, Scored, ScoreOptions, Task, text_references
 
 __all__ = ["CAPTION", "CIDER"]
@@ -36,6 +36,7 @@ CIDER = Metric(
     reference=_reference,
     score=_score,
     each=_cider_each,
+    settings=lambda options: {"caption_tokenizer": resolve_tokenizer(options.caption_tokenizer)},  # ptb or simple
     example_label="CIDEr",
     references_help='{"id": ..., "captions": ["...", ...]} (or "suffix")',
 )
