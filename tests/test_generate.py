@@ -113,3 +113,24 @@ def test_predict_cli_refuses_empty_prompts_bad_budgets_and_missing_folders(tmp_p
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_top_k_is_passed_only_when_sampling_and_repetition_penalty_only_when_set():
+    _, processor = build_tiny()
+    tokenizer = processor.tokenizer
+    greedy = GenerationSettings(top_k=5).generate_kwargs(tokenizer)
+    assert greedy["top_k"] is None and "repetition_penalty" not in greedy  # 1.0 = off: left to the model
+    sampled = GenerationSettings(do_sample=True, top_k=5, repetition_penalty=1.3).generate_kwargs(tokenizer)
+    assert (sampled["top_k"], sampled["repetition_penalty"]) == (5, 1.3)
+    assert "top_k" not in GenerationSettings(do_sample=True).generate_kwargs(tokenizer)  # None: the model's
+    assert GenerationSettings(repetition_penalty=2.0).generate_kwargs(tokenizer)["repetition_penalty"] == 2.0
+
+
+def test_repetition_penalty_reaches_the_model():
+    model, processor = build_tiny()
+    records = [{"image": Image.new("RGB", (32, 32), "red"), "prefix": "caption en"}]
+    plain = generate(model, processor, records, GenerationSettings(max_new_tokens=6), progress=False)
+    settings = GenerationSettings(max_new_tokens=6, repetition_penalty=5.0)
+    penalised = generate(model, processor, records, settings, progress=False)
+    assert plain == ["\n" * 6]  # the random tiny model repeats its last input token ...
+    assert penalised != plain  # ... until repeating is penalised

@@ -29,6 +29,10 @@ class GenerationSettings:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    # With do_sample: keep the k most likely tokens (0: no top-k filter; None: the model's generation config).
+    top_k: int | None = None
+    # > 1 discourages tokens already in the prompt or output (CTRL's penalty); 1.0 = off. Any decoding.
+    repetition_penalty: float = 1.0
     batch_size: int = 16
     # Detect prompts only: mask tokens so the output is `<loc>x4 label ( ; ... )*` with prompt labels.
     constrain_detection: bool = False
@@ -41,8 +45,12 @@ class GenerationSettings:
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
+        if self.repetition_penalty != 1.0:
+            kwargs.update(repetition_penalty=self.repetition_penalty)
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
+            if self.top_k is not None:
+                kwargs.update(top_k=self.top_k)
         else:  # keep checkpoints' sampling defaults from warning about unused settings
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
