@@ -661,3 +661,23 @@ def test_no_annotations_or_no_images_is_an_error_not_an_empty_jsonl(tmp_path, ca
     empty.write_text(json.dumps({"categories": [], "images": [], "annotations": []}))
     assert main(["--format", "coco", "--annotations", str(empty), "--images", str(images), "--out", str(out)]) == 2
     assert "no images found" in capsys.readouterr().err
+
+
+def test_a_box_thinner_than_a_location_bin_is_skipped_and_every_target_parses(tmp_path):
+    from pg_finetune.tasks.detect import target_problem
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (1000, 50)).save(images / "a.png")
+    # x 100..100.1 of 1000 px: both edges in bin 102, a zero-width target; 100..102 spans bins 102..104
+    data = {"categories": [{"id": 1, "name": "cat"}],
+            "images": [{"id": 1, "file_name": "a.png", "width": 1000, "height": 50}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 10, 0.1, 20]},
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [100, 10, 2, 20]}]}  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert main(["--format", "coco", "--annotations", str(tmp_path / "ann.json"), "--images", str(images),
+                 "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    (record,) = _read_jsonl(out / "train.jsonl")
+    assert record["boxes"] == [[100.0, 10.0, 102.0, 30.0]] and _summary(out)["zero_area"] == 1
+    assert target_problem(record["suffix"]) is None

@@ -779,3 +779,24 @@ def test_a_non_utf8_line_is_named_by_file_and_line_and_skippable(tmp_path):
         load_records(tmp_path / "train.jsonl", "train")
     ds = load_records(tmp_path / "train.jsonl", "train", skip_bad_records=True)
     assert len(ds) == 2 and sum(ds.skipped.values()) == 1
+
+
+def test_check_target_refuses_a_suffix_by_file_line_and_leaves_rows_without_one(tmp_path):
+    _png(tmp_path / "a.png")
+    rows = [{"image": "a.png", "prefix": "p", "suffix": "good"}, {"image": "a.png", "prefix": "p", "suffix": "BAD"},
+            {"image": "a.png", "prefix": "p"}, {"image": "a.png", "prefix": "p", "suffix": "also BAD"}]  # fmt: skip
+    path = _write_jsonl(tmp_path / "t.jsonl", rows)
+    seen = []
+
+    def check(suffix):
+        seen.append(suffix)
+        return "shouts" if "BAD" in suffix else None
+
+    with pytest.raises(BadRecordError) as err:
+        load_records(path, "train", require_suffix=False, check_target=check)
+    assert [p[0] for p in err.value.problems] == [f"{path}:2", f"{path}:4"]
+    assert "suffix is not a valid target for the task: shouts" in str(err.value)
+    assert seen == ["good", "BAD", "also BAD"]  # never called without a suffix
+    ds = load_records(path, "train", require_suffix=False, check_target=check, skip_bad_records=True)
+    assert len(ds) == 2 and ds.skipped == {"malformed target": 2}
+    assert len(load_records(path, "train", require_suffix=False)) == 4  # no check: any text is a target

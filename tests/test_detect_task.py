@@ -223,3 +223,47 @@ def test_make_prefix_rng_negatives_are_absent_and_not_in_suffix():
         suffix = make_suffix(BOXES, LABELS, S, S, rng=random.Random(seed))
         assert not any(f" {neg}" in suffix for neg in negatives)
     assert len(seen_negatives) == 3  # sampled, not always the same two
+
+
+# ------------------------------------------------------------------------------------------ target grammar
+TARGETS = [
+    "<loc0001><loc0002><loc0003><loc0004> cat",
+    "<loc0001><loc0002><loc0003><loc0004> cat ; <loc0000><loc0000><loc1023><loc1023> big dog",
+    "<loc0001><loc0002><loc0003><loc0004> cat ;",  # a trailing separator, as the parser allows
+    "<loc1024><loc0002><loc0003><loc0004> cat",
+    "<loc0001><loc9999><loc0003><loc0004> cat",
+    "<loc0001><loc0002><loc0003> cat",
+    "<loc1><loc0002><loc0003><loc0004> cat",
+    "cat",
+    "<loc0003><loc0002><loc0001><loc0004> cat",
+    "<loc0001><loc0004><loc0003><loc0002> cat",
+    "<loc0001><loc0002><loc0001><loc0004> cat",
+    "<loc0001><loc0002><loc0003><loc0004>",
+    "<loc0001><loc0002><loc0003><loc0004> cat <loc0005>",
+    " ; ",
+]
+
+
+@pytest.mark.parametrize("suffix", TARGETS)
+def test_check_target_accepts_exactly_what_the_scorer_parses(suffix):
+    from pg_finetune.loc import parse_detections
+
+    parsed = parse_detections(suffix, S, S)
+    scores = not parsed.malformed and parsed.detections
+    assert DETECT.check_target is not None
+    assert (DETECT.check_target(suffix) is None) == bool(scores), DETECT.check_target(suffix)
+
+
+def test_only_detect_checks_its_targets_and_an_empty_suffix_is_left_to_the_reader():
+    from pg_finetune.tasks import TASKS
+
+    assert [name for name, task in TASKS.items() if getattr(task, "check_target", None)] == ["detect"]
+    assert DETECT.check_target("") is None and DETECT.check_target("  ") is None
+
+
+def test_make_suffix_of_boxes_a_bin_wide_or_more_passes_the_check():
+    rng = random.Random(0)
+    for _ in range(200):
+        x1, y1 = rng.uniform(0, 900), rng.uniform(0, 900)
+        box = [x1, y1, x1 + rng.uniform(1.5, 100), y1 + rng.uniform(1.5, 100)]
+        assert DETECT.check_target(make_suffix([box], ["cat"], S, S)) is None

@@ -285,6 +285,8 @@ def test_empty_train_source():
         ("training", "max_grad_norm", -1.0),
         ("training", "save_total_limit", 0),
         ("training", "dataloader_num_workers", -1),
+        ("training", "seed", -1),
+        ("training", "seed", 2**32),
         ("tuning", "lora_dropout", 1.0),
         ("data", "max_length", 7),
         ("data", "max_train_samples", 0),
@@ -297,6 +299,32 @@ def test_empty_train_source():
 def test_range_checks(section, key, value):
     msg = only_problem({section: {key: value}})
     assert msg.startswith(f"{section}.{key}:")
+
+
+def _numeric_fields() -> list[tuple[str, str, type]]:
+    """(section, key, int or float) for every number in the schema, optional ones included."""
+    from pg_finetune.recipe import SECTIONS, _is_optional
+
+    found = []
+    for section, cls in SECTIONS.items():
+        for key, tp in typing.get_type_hints(cls).items():
+            inner = _is_optional(tp)[1]
+            if inner in (int, float):
+                found.append((section, key, inner))
+    return found
+
+
+@pytest.mark.parametrize(("section", "key", "kind"), _numeric_fields(), ids=lambda v: getattr(v, "__name__", v))
+def test_every_numeric_field_has_a_range_rule(section, key, kind):
+    # A field added without a rule accepts both extremes and fails here: add its rule to _check_combinations.
+    extremes = [-(2**31), 2**40] if kind is int else [-1e9, 1e9]
+    refused = []
+    for value in extremes:
+        try:
+            recipe_from_dict({section: {key: value}})
+        except RecipeError as err:
+            refused += [p for p in err.problems if p.startswith(f"{section}.{key}:")]
+    assert refused, f"{section}.{key} accepts both {extremes}: it has no range rule"
 
 
 def test_all_problems_reported_at_once():
@@ -352,6 +380,27 @@ def test_load_error_names_file(tmp_path):
         load_recipe(path)
     assert str(info.value).startswith(f"recipe {path} has 1 problem:")
     assert "did you mean 'learning_rate'?" in str(info.value)
+
+
+def test_duplicate_keys_are_collected_with_the_other_problems(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("tuning:\n  lora_r: 8\n  lora_r: 16\ntraining:\n  learning_rate: 5\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems[0].startswith("tuning.lora_r: written twice (lines 2 and 3)")
+    assert any(p.startswith("training.learning_rate:") for p in info.value.problems)
+
+
+def test_yaml_anchors_and_merge_keys_are_not_duplicates(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("training: &t\n  seed: 3\neval:\n  <<: {batch_size: 2}\n  batch_size: 4\n")
+    assert load_recipe(path).eval.batch_size == 4
+
+
+def test_a_byte_order_mark_is_fine(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes("\ufeffname: bom\n".encode())
+    assert load_recipe(path).name == "bom"
 
 
 def test_empty_file_means_defaults(tmp_path):

@@ -43,6 +43,7 @@ REMOVED_KEYS = {
     "data.max_eval_samples": "eval.max_samples caps the eval records; set that instead",
 }
 TuningMethodName = Literal[tuple(METHODS)]  # the schema accepts exactly the registry's names
+MAX_SEED = 2**32 - 1  # numpy.random.seed refuses anything outside 0..2**32 - 1
 
 
 def _field(default: Any, help_text: str) -> Any:
@@ -143,7 +144,17 @@ class DataConfig:
     truncation: Literal["prefix_first", "error"] = _field(
         "prefix_first", "Too long: cut the prefix first then the suffix, or raise."
     )
-    skip_bad_records: bool = _field(False, "Skip (and count) records that fail to load instead of raising.")
+    skip_bad_records: bool = _field(
+        False,
+        "Skip (and count) records that fail to load instead of raising. A training record whose image "
+        "fails to decode is replaced by the next good record, so every batch keeps its size.",
+    )
+    check_images: bool = _field(
+        False,
+        "Before training, open every training image's header (no pixel decode; PNG chunks are "
+        "checksummed), with a progress bar: unreadable images are all listed at once (exit 2), or "
+        "with skip_bad_records skipped from the first step and counted.",
+    )
 
 
 @dataclass
@@ -225,6 +236,13 @@ class TrainingConfig:
     dataloader_num_workers: int = _field(0, "DataLoader worker processes; 0 = load in the main process.")
     resume_from_checkpoint: str | None = _field(
         None, "'auto' = latest checkpoint in output_dir, or a checkpoint path; null = start fresh."
+    )
+    overwrite_output_dir: bool = _field(
+        False,
+        "A run never mixes with another's: starting from scratch in an output_dir that holds "
+        "checkpoints or final/ of a different recipe (or 'auto' finding one) is refused (exit 2). "
+        "true = delete the checkpoints, final/ and merged/ found there first (a resume of this "
+        "recipe's own checkpoint is unaffected).",
     )
     merge_lora: bool = _field(
         False, "After training, merge LoRA weights into the base and save the merged model."
@@ -350,6 +368,8 @@ def _check_value(value: Any, tp: Any) -> tuple[Any, str | None]:
     if inner is int:
         # bool is a subclass of int in Python; `lora_r: true` is a mistake, not 1
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:  # torch and numpy take int64 at most
+                return None, f"expected an integer that fits in 64 bits, got {value}"
             return value, None
         return None, f"expected an integer, got {_show(value)}"
     if inner is float:
@@ -557,6 +577,8 @@ def _check_combinations(recipe: Recipe) -> list[str]:
         problems.append(f"training.adam_beta2: must be in [0, 1), got {tr.adam_beta2}; e.g. 0.999")
     if tr.num_train_epochs <= 0:
         problems.append(f"training.num_train_epochs: must be > 0, got {tr.num_train_epochs}")
+    if not 0 <= tr.seed <= MAX_SEED:
+        problems.append(f"training.seed: must be in [0, 2**32 - 1] (numpy's seed range), got {tr.seed}; e.g. 42")
     if tr.max_steps != -1 and tr.max_steps < 1:
         problems.append(f"training.max_steps: must be -1 (use num_train_epochs) or >= 1, got {tr.max_steps}")
     for key in (
@@ -710,6 +732,67 @@ def _apply_override(data: dict, override: str) -> str | None:
     return None
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus: a key written twice in one mapping is recorded in `duplicates`.
+
+    Plain PyYAML keeps the last value of a repeated key without a word, so a recipe that sets
+    `learning_rate` in two places (or has two `training:` sections) would run with whichever came
+    last. Each repeat becomes one problem naming the dotted key and every line it is on.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+        self._paths: dict[int, str] = {}  # id(mapping node) -> its dotted key, for messages
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        path = self._paths.get(id(node), "")
+        lines: dict[str, list[int]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            dotted = f"{path}.{key_node.value}" if path else key_node.value
+            lines.setdefault(key_node.value, []).append(key_node.start_mark.line + 1)
+            if isinstance(value_node, yaml.MappingNode):
+                self._paths[id(value_node)] = dotted
+        for key, where in lines.items():
+            if len(where) > 1:
+                shown = ", ".join(map(str, where[:-1])) + f" and {where[-1]}"
+                times = "twice" if len(where) == 2 else f"{len(where)} times"
+                if not path and key in SECTIONS:
+                    self.duplicates.append(
+                        f"section {key!r}: written {times} (lines {shown}); YAML would keep only the "
+                        "last one and drop the others' keys; merge them into one section"
+                    )
+                else:
+                    dotted = f"{path}.{key}" if path else key
+                    self.duplicates.append(
+                        f"{dotted}: written {times} (lines {shown}); YAML would silently keep the "
+                        "last value; delete all but one"
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_text(path: Path, source: str) -> str:
+    """The recipe file as text; a byte that is not UTF-8 is named by line and column."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise RecipeError([f"cannot read the recipe file: {err.strerror or err}"], source) from err
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark (some Windows editors write one) is fine
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise RecipeError(
+            [
+                f"line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); save the recipe as "
+                "UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ],
+            source,
+        ) from err
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe, apply `section.key=value` overrides (values parsed as YAML), validate."""
     path = Path(path)
@@ -717,19 +800,19 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if path.is_dir():
         path = path / RECIPE_FILENAME
         source = str(path)
+    text = _read_text(path, source)
+    loader = _RecipeLoader(text)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise RecipeError([f"cannot read the recipe file: {err.strerror or err}"], source) from err
-    try:
-        data = yaml.safe_load(text)
+        data = loader.get_single_data()
     except yaml.YAMLError as err:
         raise RecipeError([f"not valid YAML: {err}"], source) from err
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError([f"<top level>: expected a mapping of sections, got {_show(data)}"], source)
-    problems: list[str] = []
+    problems: list[str] = list(loader.duplicates)
     for override in overrides:
         problem = _apply_override(data, override)
         if problem:

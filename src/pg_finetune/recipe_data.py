@@ -26,6 +26,7 @@ def _record_options(recipe: Recipe) -> dict[str, Any]:
         default_prefix=recipe.task.prefix or get_task(recipe.task.name).default_prefix,
         skip_bad_records=d.skip_bad_records,
         image_root=d.image_root,
+        check_target=get_task(recipe.task.name).check_target,
     )
 
 

@@ -28,6 +28,9 @@ from pg_finetune.images import BadRecordError, image_path, open_image
 
 logger = logging.getLogger(__name__)
 
+# A task's `check_target` (pg_finetune.tasks.base.Task): suffix -> None if well-formed, else the problem.
+TargetCheck = Callable[[str], str | None]
+
 
 class RecordDataset(Dataset):
     """Records whose images are decoded lazily, one per `__getitem__`.
@@ -110,7 +113,9 @@ def _bad(row: dict, reason: str, field_name: str, problem: str) -> BadRecordErro
     return BadRecordError(row["where"], field_name, problem, reason=reason)
 
 
-def _check_row(row: dict, default_prefix: str | None, require_suffix: bool) -> tuple[dict, Any]:
+def _check_row(
+    row: dict, default_prefix: str | None, require_suffix: bool, check_target: TargetCheck | None = None
+) -> tuple[dict, Any]:
     """(meta, image_ref) for a good row; raise BadRecordError naming the field otherwise. Decodes nothing."""
     if "_bad" in row:
         raise _bad(row, *row["_bad"])
@@ -149,6 +154,10 @@ def _check_row(row: dict, default_prefix: str | None, require_suffix: bool) -> t
         suffix = None
     if suffix is None and require_suffix:
         raise _bad(row, "missing suffix", "suffix", "missing suffix (the training target)")
+    if suffix is not None and check_target is not None:
+        problem = check_target(suffix)
+        if problem:
+            raise _bad(row, "malformed target", "suffix", f"suffix is not a valid target for the task: {problem}")
     extras = {k: v for k, v in row.items() if k not in RESERVED}
     return {"prefix": prefix, "suffix": suffix, "id": row["id"], "where": row["where"], **extras}, image
 
@@ -186,6 +195,7 @@ def load_records(
     skip_bad_records: bool = False,
     image_cache_mb: float = 256.0,
     image_root: str | os.PathLike | None = None,
+    check_target: TargetCheck | None = None,
 ) -> RecordDataset:
     """Load one split of `source` as a RecordDataset (`pg_finetune.data` lists sources and splits).
 
@@ -200,6 +210,9 @@ def load_records(
     "caption en"). `image_root` is where a Karpathy caption JSON's images live
     (IMAGE_ROOT/filepath/filename; default: the JSON's directory); every other source resolves
     its images its own way (JSONL: relative to the file) and ignores it.
+
+    `check_target` is the task's target grammar (`Task.check_target`, e.g. detection's location
+    tokens): a record whose non-empty suffix it refuses is a bad record ("malformed target").
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of records or None, got {limit}")
@@ -224,7 +237,7 @@ def load_records(
         if limit is not None and len(metas) >= limit:
             break
         try:
-            meta, ref = _check_row(row, default_prefix, require_suffix)
+            meta, ref = _check_row(row, default_prefix, require_suffix, check_target)
             path = image_path(ref) if src.check_files else None
             if path is not None:
                 if path not in file_exists:

@@ -50,7 +50,8 @@ Inputs:
   --hf-bbox-format xyxy for x1, y1, x2, y2); class names from the `category` ClassLabel feature.
 
 Rules, each counted in the summary: a box reaching outside the image is clipped to it ("clipped");
-a box with zero or negative area after clipping is skipped ("zero_area", not also "clipped");
+a box with zero or negative area after clipping, or thinner than one of the 1024 location bins
+(both edges in one bin: a zero-size target), is skipped ("zero_area", not also "clipped");
 unknown category ids ("unknown_category") and COCO crowd boxes ("crowd") are skipped; a class not
 in --classes-keep (names after --class-map) is skipped ("not_kept"); --max-objects N sorts an
 image's objects by area, largest first (a stable sort: ties keep annotation order), and keeps the
@@ -68,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -83,7 +85,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from pg_finetune.loc import detect_prefix, format_detections, label_problem
+from pg_finetune.loc import detect_prefix, encode_value, format_detections, label_problem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Every counter the summary reports, so a zero is visible rather than absent.
@@ -163,6 +165,12 @@ def _load_json(path: Path) -> Any:
         raise InputError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
 
 
+def _finite(values: Sequence[float], where: str, what: str) -> None:
+    """InputError naming `where` when a coordinate is NaN or infinite (Python's json reads NaN and Infinity)."""
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"{where}: {what} {list(values)!r} holds NaN or infinity; fix or delete this annotation")
+
+
 def _require(obj: dict, key: str, where: str) -> Any:
     if not isinstance(obj, dict) or key not in obj:
         raise InputError(f"{where}: missing required field {key!r}")
@@ -182,6 +190,9 @@ def read_coco(annotations: Path, images_dir: Path, keep_crowd: bool = False) -> 
     for i, img in enumerate(_require(data, "images", str(annotations))):
         where = f"{annotations}: images[{i}] (id {img.get('id') if isinstance(img, dict) else '?'})"
         image_id = _require(img, "id", where)
+        for key in ("width", "height"):
+            if isinstance(img.get(key), float) and not math.isfinite(img[key]):
+                raise InputError(f"{where}: {key} is {img[key]!r}, not a finite number; fix it or delete the key")
         entries[image_id] = ImageEntry(
             id=image_id,
             path=images_dir / _require(img, "file_name", where),
@@ -198,6 +209,7 @@ def read_coco(annotations: Path, images_dir: Path, keep_crowd: bool = False) -> 
             raise InputError(f"{where}: image_id {image_id!r} is not in 'images'")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
             raise InputError(f"{where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
+        _finite(bbox, where, "bbox")
         entry = entries[image_id]
         if category_id not in names:
             entry.dropped["unknown_category"] += 1
@@ -261,6 +273,7 @@ def _read_yolo_labels(label_file: Path, classes: list[str], entry: ImageEntry) -
             cx, cy, w, h = (float(v) for v in fields[1:])
         except ValueError as err:
             raise InputError(f"{label_file}:{number}: not numbers: {line!r}") from err
+        _finite((cx, cy, w, h), f"{label_file}:{number}", "box 'cx cy w h'")
         if not 0 <= class_index < len(classes):
             entry.dropped["unknown_category"] += 1
             continue
@@ -312,9 +325,12 @@ def _voc_number(parent: ET.Element, tag: str, xml_file: Path, where: str) -> flo
     if text is None:
         raise InputError(f"{xml_file}: {where}: missing required field {tag!r}")
     try:
-        return float(text)
+        value = float(text)
     except ValueError as err:
         raise InputError(f"{xml_file}: {where}: {tag} is not a number: {text!r}") from err
+    if not math.isfinite(value):  # float() reads "nan" and "inf"
+        raise InputError(f"{xml_file}: {where}: {tag} is {text!r}, not a finite number; fix or delete it")
+    return value
 
 
 def read_hf(dataset: str, split: str, bbox_format: str = "xywh") -> list[ImageEntry]:
@@ -343,13 +359,14 @@ def read_hf(dataset: str, split: str, bbox_format: str = "xywh") -> list[ImageEn
             bboxes = [_require(o, "bbox", where) for o in objects]
             categories = [_require(o, "category", where) for o in objects]
         entry = ImageEntry(id=row.get("image_id", index), path=None, image=row["image"])
-        for bbox, category in zip(bboxes, categories, strict=True):
+        for number, (bbox, category) in enumerate(zip(bboxes, categories, strict=True)):
             if len(bbox) != 4:
                 raise InputError(f"{where}: bbox must be 4 numbers, got {bbox!r}")
             if names is not None and not 0 <= category < len(names):
                 entry.dropped["unknown_category"] += 1
                 continue
             a, b, c, d = (float(v) for v in bbox)
+            _finite((a, b, c, d), f"{where} object #{number}", "bbox")
             box = (a, b, a + c, b + d) if bbox_format == "xywh" else (a, b, c, d)
             entry.objects.append(RawObject(box, names[category] if names is not None else str(category)))
         entries.append(entry)
@@ -536,7 +553,7 @@ def _select_objects(
         elif orientation != 1:
             box = upright_box(box, orientation, *stored)
         box, was_clipped = clip_box(box, width, height)
-        if box[2] <= box[0] or box[3] <= box[1]:
+        if box[2] <= box[0] or box[3] <= box[1] or _thinner_than_a_bin(box, width, height):
             counts["zero_area"] += 1
             continue
         counts["clipped"] += was_clipped
@@ -546,6 +563,14 @@ def _select_objects(
         counts["over_max_objects"] += len(kept) - options.max_objects
         kept = kept[: options.max_objects]
     return kept
+
+
+def _thinner_than_a_bin(box: tuple[float, float, float, float], width: int, height: int) -> bool:
+    """Whether both edges of a side fall in the same location bin: the target would be a zero-size box,
+    which big_vision's evaluator and `pg_finetune.loc.parse_detections` refuse (and training would too)."""
+    x1, y1, x2, y2 = box
+    same_column = encode_value(x1, width) == encode_value(x2, width)
+    return same_column or encode_value(y1, height) == encode_value(y2, height)
 
 
 def _image_reference(entry: ImageEntry, out_dir: Path, split: str, index: int, options: Options) -> str:

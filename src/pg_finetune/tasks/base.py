@@ -111,6 +111,10 @@ class Task:
     confusion: prediction rows -> (true labels, predicted labels, Counter[(true, predicted)]) for
         tasks whose outputs are classes (counts); None for the others.
     augment: (dataset, task config, seed) -> (dataset, trainer callbacks) for training; None = none.
+    check_target: suffix -> None when it is a well-formed target, else what is wrong with it, for tasks
+        whose targets have a grammar (detection's location tokens); `data.load_records` calls it on
+        every record with a non-empty suffix, so a bad target is refused (or skipped) by file:line
+        before training. None = any text is a target.
     """
 
     name: str
@@ -123,6 +127,7 @@ class Task:
     describe_reference: Callable[[Any], str] = _describe_texts
     confusion: Callable[[Sequence[dict]], Any] | None = None
     augment: Callable[[Any, Any, int], tuple[Any, list]] | None = None
+    check_target: Callable[[str], str | None] | None = None
 
     @property
     def metrics(self) -> dict[str, Metric]:

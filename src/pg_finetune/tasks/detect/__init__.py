@@ -29,11 +29,12 @@ from pg_finetune.tasks.detect.targets import (
     prompt_classes,
     record_prompt,
     shuffle_objects,
+    target_problem,
 )
 
 __all__ = [
     "DETECT", "DetectionEvaluation", "ImageDetections", "detection_reference", "evaluate_detections",
-    "make_prefix", "make_suffix", "prompt_classes", "shuffle_objects",
+    "make_prefix", "make_suffix", "prompt_classes", "shuffle_objects", "target_problem",
 ]  # fmt: skip
 
 
@@ -72,4 +73,5 @@ DETECT = Task(
     prompt=record_prompt,
     describe_reference=_describe,
     augment=augment,
+    check_target=target_problem,
 )

@@ -11,7 +11,7 @@ import random
 from collections.abc import Sequence
 from typing import TypeVar
 
-from pg_finetune.loc import DETECT_PREFIX, detect_prefix, format_detections
+from pg_finetune.loc import DETECT_PREFIX, detect_prefix, format_detections, parse_detections
 
 T = TypeVar("T")
 
@@ -22,6 +22,26 @@ def prompt_classes(prefix: str | None) -> list[str]:
         return []
     classes = (" ".join(c.split()) for c in prefix[len(DETECT_PREFIX) + 1 :].split(";"))
     return list(dict.fromkeys(c for c in classes if c))
+
+
+def target_problem(suffix: str) -> str | None:
+    """None when `suffix` is a well-formed detection target, else what is wrong (the `Task.check_target` hook).
+
+    Read by the parser the scorer uses (`pg_finetune.loc.parse_detections`), so a target trains only
+    if the same text, written by the model, would score: four `<locNNNN>` bins in 0..1023 with
+    y1 < y2 and x1 < x2, then a label, per object. An empty suffix is not judged here (the record
+    reader refuses it as "empty suffix").
+    """
+    if not suffix.strip():
+        return None
+    parsed = parse_detections(suffix, 1, 1)  # the image size only scales boxes; bins are checked as written
+    if not parsed.malformed:
+        return None if parsed.detections else f"no objects, only separators: {suffix!r}"
+    shown = "; ".join(parsed.problems[:3]) + (f"; and {len(parsed.problems) - 3} more" if parsed.malformed > 3 else "")
+    return (
+        f"{parsed.malformed} of {parsed.segments} objects malformed ({shown}); each object must be "
+        "'<locY1><locX1><locY2><locX2> label' (4-digit bins 0..1023, y1 < y2, x1 < x2), objects joined by ' ; '"
+    )
 
 
 def shuffle_objects(objects: Sequence[T], rng: random.Random | None = None) -> list[T]:
