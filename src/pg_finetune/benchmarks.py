@@ -63,6 +63,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                   "count_intersections", split="test", source="data/count_intersections",
                   source_help="make it with `python data_prep/make_count_intersections.py --out "
                               "data/count_intersections --split test --seed 1 --num 200`"),
+        Benchmark("refcoco_seg", "referring segmentation (--data), masks as RLE/PNG: mask mIoU, boxacc@0.5/0.75",
+                  "segment", split="validation", prefix="segment {expression}"),
         Benchmark("easyvqa", "easy-VQA shapes (offline), exact match", "vqa", split="test", source="builtin:easyvqa"),
         Benchmark("vqa", "generic VQA (--data), exact match", "vqa", split="validation"),
         Benchmark("ocr", "text reading (--data): exact match, CER, WER, ANLS", "ocr", split="validation"),

@@ -12,9 +12,10 @@ from pg_finetune.tasks.caption import CAPTION
 from pg_finetune.tasks.count import COUNT
 from pg_finetune.tasks.detect import DETECT
 from pg_finetune.tasks.ocr import OCR
+from pg_finetune.tasks.segment import SEGMENT
 from pg_finetune.tasks.vqa import VQA
 
-TASKS: dict[str, Task] = {task.name: task for task in (CAPTION, VQA, DETECT, COUNT, OCR)}
+TASKS: dict[str, Task] = {task.name: task for task in (CAPTION, VQA, DETECT, COUNT, OCR, SEGMENT)}
 
 
 def get_task(name: str) -> Task:
