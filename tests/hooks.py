@@ -7,6 +7,7 @@ In process:
 In a subprocess (a real SIGKILL must not take pytest down with it), this file is the runner:
 
     python tests/hooks.py --kill-at-step 3 --trace-batches t.jsonl -- --recipe r.yaml training.max_steps=7
+    python tests/hooks.py --kill-in-final-save -- --recipe r.yaml   # dies with final/'s weights half saved
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 from transformers import TrainerCallback
 
+import pg_finetune.train
 from pg_finetune.train import main
 
 
@@ -61,7 +64,18 @@ def run_with_hooks(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python tests/hooks.py", allow_abbrev=False)
     parser.add_argument("--kill-at-step", type=int, help="SIGKILL the process at the end of this step")
     parser.add_argument("--trace-batches", help="append each collated batch's records to this JSONL file")
+    parser.add_argument("--kill-in-final-save", action="store_true",
+                        help="SIGKILL the process while it writes final/ (weights written, recipe not yet)")
     hooks = parser.parse_args(argv[:split])
+    if hooks.kill_in_final_save:
+        save_recipe = pg_finetune.train.save_recipe
+
+        def kill_while_writing_final(recipe, path):
+            if Path(path).name == "tmp-final":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save_recipe(recipe, path)
+
+        pg_finetune.train.save_recipe = kill_while_writing_final
     callbacks = [KillAtStepCallback(hooks.kill_at_step)] if hooks.kill_at_step is not None else []
     trace = hooks.trace_batches
     wrap_collator = (lambda collator: TracingCollator(collator, trace)) if trace else None

@@ -112,6 +112,11 @@ def _check_exact_resume(tmp_path: Path, monkeypatch, config: str) -> None:
     ref_lr = [e["learning_rate"] for e in json.loads((ref / "log_history.json").read_text()) if "learning_rate" in e]
     run_lr = [e["learning_rate"] for e in json.loads((run / "log_history.json").read_text()) if "learning_rate" in e]
     assert ref_lr == run_lr and len(set(ref_lr)) >= 5
+    # metrics.json describes the whole run (both segments), so it matches the uninterrupted one
+    ref_metrics, run_metrics = (json.loads((p / "metrics.json").read_text()) for p in (ref, run))
+    assert run_metrics["steps"] == 7 and run_metrics["segments"] == 2
+    assert abs(run_metrics["train_loss"] - ref_metrics["train_loss"]) <= TOLERANCE
+    assert run_metrics["total_flos"] == ref_metrics["total_flos"]
 
     # the checks above are sharp: a resume that skips one batch too many fails both of them
     import transformers.trainer as trainer_module
@@ -174,11 +179,13 @@ def test_crash_during_a_save_leaves_no_checkpoint_that_resume_would_pick(tmp_pat
     assert state["global_step"] == 4 and (out / "checkpoint-4" / "rng_state.pth").is_file()
     assert [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "loss" in e] == [1, 2, 3, 4, 5]
 
-    # a stale staging dir is removed at start even when the run saves nothing more (resume at 4, step 5)
+    # a stale staging dir is removed at start even when the run trains nothing more (checkpoint-5 is the
+    # last step: final/ is written from it, and no step 6 is trained)
     (out / "tmp-checkpoint-9" / "checkpoint-9").mkdir(parents=True)
     shutil.rmtree(out / "final")
     assert main([*args, "training.resume_from_checkpoint=auto"]) == 0
     assert not list(out.glob("tmp-*")) and (out / "final" / "model.safetensors").is_file()
+    assert not (out / "checkpoint-6").exists()
 
 
 def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):

@@ -116,7 +116,12 @@ class PaliGemmaCollator:
     def __call__(self, records: list[dict | None]) -> dict[str, torch.Tensor]:
         records = [r for r in records if r is not None]  # None: a bad record the dataset skipped
         if not records:
-            raise ValueError("every record of this batch was skipped as bad; see the warnings above")
+            # pg_finetune.train never gets here: it wraps the training records in
+            # trainer.SubstituteBadRecords, which hands over the next good record instead of None.
+            raise ValueError(
+                "every record of this batch was skipped as bad (see the warnings above); wrap the dataset in "
+                "pg_finetune.trainer.SubstituteBadRecords so that a bad record is replaced, not dropped"
+            )
         with_suffix = [r.get("suffix") is not None for r in records]
         if any(with_suffix) and not all(with_suffix):
             raise ValueError("a batch mixes records with and without `suffix`; train and eval batches are separate")

@@ -4,9 +4,10 @@
     python -m pg_finetune.train --recipe recipes/tuxemon_caption.yaml training.learning_rate=1e-4
     accelerate launch -m pg_finetune.train --recipe recipes/tuxemon_caption.yaml
 
-Stages, top to bottom: recipe -> model (+ tuning) -> data + collator ->
-task metric before training -> Trainer -> save (checkpoint, processor, recipe)
--> task metric after training. Overrides are `section.key=value`.
+Stages, top to bottom: recipe -> model (+ tuning) -> data + collator -> run directory (resume only
+this recipe's own checkpoints; a finished run is not trained again) -> Trainer -> task metric before
+training -> train -> save (checkpoint, processor, recipe) -> task metric after training ->
+metrics.json (the whole run, over every kill and resume). Overrides are `section.key=value`.
 
 torch, transformers and the rest of the training stack are imported only once the recipe is
 valid, so a bad recipe is refused in well under a second. Exit codes: 0 done; 2 bad arguments,
@@ -128,7 +129,7 @@ def main(
     import transformers
     from transformers import set_seed
 
-    from pg_finetune.collator import PaliGemmaCollator
+    from pg_finetune.collator import PaliGemmaCollator, SequenceTooLongError
     from pg_finetune.data import BadRecordError
     from pg_finetune.model import ModelLoadError, load_model, load_processor
     from pg_finetune.model_card import write_model_card
@@ -140,7 +141,14 @@ def main(
         GenerationEvalCallback,
         NonFiniteLossError,
         PaliGemmaTrainer,
+        RunDirError,
         RunEval,
+        RunState,
+        RunStateCallback,
+        SubstituteBadRecords,
+        checkpoint_step,
+        choose_checkpoint,
+        final_is_current,
         last_complete_checkpoint,
         remove_partial_checkpoints,
     )
@@ -168,31 +176,38 @@ def main(
     task = get_task(recipe.task.name)
     d = recipe.data
     try:
-        train_data = train_dataset(recipe)
+        train_data = records = train_dataset(recipe)
         eval_records = load_eval_records(recipe)
+        known_bad = _check_images(records, recipe, is_main) if d.check_images else set()
     except (BadRecordError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     logger.info("train: %d records from %s; eval: %d records", len(train_data), d.train, len(eval_records))
+    if d.skip_bad_records:  # a record whose image fails is replaced by the next good one: batches stay full
+        train_data = SubstituteBadRecords(records, known_bad)
     augment_callbacks: list[TrainerCallback] = []
     if task.augment is not None:  # e.g. detection: a new object order every epoch, negative classes
         train_data, augment_callbacks = task.augment(train_data, recipe.task, recipe.training.seed)
     collator = PaliGemmaCollator(processor, max_length=d.max_length, padding_side=d.padding_side, truncation=d.truncation)
-
-    # --------------------------------------------------------------------------------- metric before
     try:
         run_eval = RunEval(recipe, processor, task, eval_records, output_dir, is_main)
     except ValueError as err:  # the eval records hold nothing the task's metric can score
         print(f"error: eval: {err}", file=sys.stderr)
         return 2
-    before = run_eval(model, "before training", save_as="before") if eval_records and recipe.eval.before_and_after else None
 
-    # ------------------------------------------------------------------------------------------ train
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, output_dir)
-        remove_partial_checkpoints(output_dir)  # a save cut short by a crash; never resumed from
-    trainer_callbacks: list[TrainerCallback] = []
+    # ------------------------------------------------------------------------- run directory + resume
+    # A run resumes or replaces only its own outputs: every checkpoint and final/ carries the recipe
+    # that wrote it (trainer.MAY_DIFFER_ON_RESUME says which keys a resume may change).
+    try:
+        resume = choose_checkpoint(recipe, is_main)
+    except RunDirError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if recipe.training.resume_from_checkpoint == "auto":
+        logger.info("resuming from %s", resume or "scratch (no checkpoint found)")
+    resumed_step = checkpoint_step(resume) if resume else 0
+    run_state = RunState(output_dir, started, first_step=resumed_step, fresh=resume is None, is_main=is_main)
+    trainer_callbacks: list[TrainerCallback] = [RunStateCallback(run_state)]
     gen_eval = None
     if recipe.eval.eval_steps and eval_records:
         gen_eval = GenerationEvalCallback(run_eval, recipe.eval.eval_steps)
@@ -212,35 +227,60 @@ def main(
     )
     if gen_eval:
         gen_eval.trainer = trainer
-    resume = recipe.training.resume_from_checkpoint
-    if resume == "auto":
-        resume = last_complete_checkpoint(output_dir)  # never a tmp-* dir left by an interrupted save
-        logger.info("resuming from %s", resume or "scratch (no checkpoint found)")
-    elif resume is not None and not (Path(resume) / "trainer_state.json").is_file():
-        print(
-            f"error: training.resume_from_checkpoint: {resume} is not a complete checkpoint (no "
-            "trainer_state.json); give a checkpoint-N directory, 'auto', or null",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except BadRecordError as err:  # an image that only fails when decoded, mid-epoch
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        _write_log_history(trainer, output_dir, is_main)
-        last = last_complete_checkpoint(output_dir)
-        print(
-            f"error: {err.what} became NaN/inf at step {err.step}; training stopped before that step's "
-            f"optimizer update. Last good checkpoint: {last or 'none saved yet'}. Lower "
-            "training.learning_rate, check the data, or use bf16 instead of fp16.",
-            file=sys.stderr,
-        )
-        return 3
+    # A checkpoint at max_steps is a finished run (transformers would train one step past it): nothing
+    # to do when final/ holds its result; when a kill cut the final save short, write final/ from it.
+    finish_only = False
+    if resume is not None and resumed_step >= (planned := trainer.planned_max_steps()):
+        if final_is_current(output_dir, recipe):
+            print(f"{output_dir}: this run is complete ({Path(resume).name}, max {planned} steps) and final/ "
+                  "holds its result; nothing to do (raise training.max_steps to train further)")
+            return 0
+        if resumed_step > planned:
+            print(f"error: {resume} is at step {resumed_step}, past this recipe's {planned} steps; give "
+                  "training.resume_from_checkpoint an earlier checkpoint-N, or raise training.max_steps",
+                  file=sys.stderr)
+            return 2
+        finish_only = True
+        logger.info("%s is at the last step (%d): writing final/ from it without training", resume, planned)
+
+    # --------------------------------------------------------------------------------- metric before
+    if finish_only:  # scored by the segment that trained, before its first step
+        before = run_state.data.get("before")
+    else:
+        before = run_eval(model, "before training", save_as="before") if eval_records and recipe.eval.before_and_after else None
+
+    # ------------------------------------------------------------------------------------------ train
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, output_dir)
+        remove_partial_checkpoints(output_dir)  # a save cut short by a crash; never resumed from
+        run_state.update(resumed_step, before=before)
+    if finish_only:
+        trainer.load_checkpoint_weights(resume)
+    else:
+        set_seed(recipe.training.seed)  # as Trainer init did: the before-eval must not change training's RNG
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except (BadRecordError, SequenceTooLongError) as err:  # a bad image, or too long under truncation: error
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except NonFiniteLossError as err:
+            _write_log_history(trainer, output_dir, is_main)
+            run_state.update(trainer.state.global_step)
+            last = last_complete_checkpoint(output_dir)
+            print(
+                f"error: {err.what} became NaN/inf at step {err.step}; training stopped before that step's "
+                f"optimizer update. Last good checkpoint: {last or 'none saved yet'}. Lower "
+                "training.learning_rate, check the data, or use bf16 instead of fp16.",
+                file=sys.stderr,
+            )
+            return 3
     _write_log_history(trainer, output_dir, is_main)
     if collator.stats.truncated_prefix or collator.stats.truncated_suffix:
         logger.warning("truncation: %s", collator.stats.summary())
+    if records.skipped:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in records.skipped.most_common())
+        logger.warning("skipped bad training records (%s)", counts)
 
     # ------------------------------------------------------------------------------------------- save
     # Written under tmp-final/ and renamed when complete, like the checkpoints: a crash mid-save never
@@ -284,17 +324,28 @@ def main(
         write_model_card(final_dir, redact_recipe(recipe), is_adapter=method.is_adapter, **card)
         if recipe.training.merge_lora:
             write_model_card(output_dir / "merged", redact_recipe(recipe), is_adapter=False, **card)
+    # The whole run, over every segment a kill and resume made of it (trainer.run_totals, run_state.json).
+    totals = trainer.run_totals
+    run_state.update(totals.steps)
+    runtime = totals.train_runtime_s
+    samples = totals.steps * trainer.get_total_train_batch_size(trainer.args)
     summary = {
         "recipe": recipe.name,
-        "train_loss": result.training_loss,
-        "steps": result.global_step,
-        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-        "wall_time_s": round(time.time() - started, 1),
+        "train_loss": totals.train_loss,
+        "steps": totals.steps,
+        "train_samples_per_second": round(samples / runtime, 3) if runtime else None,
+        "train_runtime_s": round(runtime, 1) if runtime is not None else None,
+        "wall_time_s": run_state.wall_time_s,
+        "segments": len(run_state.data["segments"]),
+        "total_flos": trainer.state.total_flos,
+        "skipped_records": dict(records.skipped),
         "parameters": describe_parameters(trainer.model),
         "before": before,
         "after": after,
         "final_dir": str(final_dir),
     }
+    if runtime is None:
+        logger.warning("%s has no run_totals.json (an older checkpoint): training time and throughput unknown", resume)
     if is_main:
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(_summary_table(task.name, before, after, summary))
@@ -304,6 +355,31 @@ def main(
             except Exception as err:  # a finished training must not fail on its report
                 logger.warning("report not written (python -m pg_finetune.report %s retries): %s", output_dir, err)
     return 0
+
+
+def _check_images(records, recipe: Recipe, is_main: bool) -> set[int]:
+    """data.check_images: every training image's header, before any training. Unreadable ones are all
+    listed (BadRecordError), or with data.skip_bad_records counted and returned to be skipped."""
+    from pg_finetune.data import BadRecordError
+    from pg_finetune.trainer import check_image_headers
+
+    bad = check_image_headers(records, progress=is_main)
+    if bad and not recipe.data.skip_bad_records:
+        first = bad[0][1]
+        raise BadRecordError(
+            first.where, first.field, first.problem, reason=first.reason,
+            problems=[(err.where, err.field, err.problem) for _, err in bad],
+        )
+    if len(bad) == len(records):
+        raise ValueError(f"data.check_images: none of the {len(records)} training images is readable")
+    for _, err in bad:
+        records.skipped[err.reason] += 1
+    if bad:
+        logger.warning("data.check_images: %d of %d training images are unreadable and skipped from the start; "
+                       "first: %s", len(bad), len(records), bad[0][1].where)
+    else:
+        logger.info("data.check_images: all %d training images are readable", len(records))
+    return {i for i, _ in bad}
 
 
 def _write_log_history(trainer: Trainer, output_dir: Path, is_main: bool) -> None:

@@ -14,14 +14,30 @@ This module imports neither torch nor pycocotools: the task registry is read bef
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from pg_finetune.tasks.base import Metric, Task
-from pg_finetune.tasks.segment import scoring
-from pg_finetune.tasks.segment.masks import mask_to_suffix, suffix_to_mask
 from pg_finetune.tasks.segment.parse import parse_segmentation
 
 SEGMENT_PREFIX = "segment"
 
 __all__ = ["SEGMENT", "SEGMENTATION", "mask_to_suffix", "parse_segmentation", "suffix_to_mask"]
+
+
+def _lazy(module: str, name: str) -> Any:
+    """`module.name`, imported on first call: scoring and masks need numpy and PIL, and the task registry
+    is imported to check a recipe before any of them."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"pg_finetune.tasks.segment.{module}"), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+mask_to_suffix = _lazy("masks", "mask_to_suffix")
+suffix_to_mask = _lazy("masks", "suffix_to_mask")
 
 
 def record_prompt(record: dict) -> str:
@@ -34,10 +50,10 @@ def record_prompt(record: dict) -> str:
 
 SEGMENTATION = Metric(
     name="segmentation",
-    reference=scoring.reference,
-    score=scoring.score,
-    each=scoring.each,
-    settings=scoring.settings,
+    reference=_lazy("scoring", "reference"),
+    score=_lazy("scoring", "score"),
+    each=_lazy("scoring", "each"),
+    settings=_lazy("scoring", "settings"),
     example_label="mask IoU",
     references_help='{"id": ..., "mask": COCO RLE {"size": [H, W], "counts": ...} or a PNG path, "width": W, '
     '"height": H, "box": [x1, y1, x2, y2] (optional: the mask\'s extent), "codec": .npz (optional)}',
@@ -49,5 +65,5 @@ SEGMENT = Task(
     metric=SEGMENTATION,
     max_new_tokens=32,  # 4 loc + 16 seg tokens, and room for the label some checkpoints write after them
     prompt=record_prompt,
-    describe_reference=scoring.describe_reference,
+    describe_reference=_lazy("scoring", "describe_reference"),
 )
