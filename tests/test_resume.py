@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from pg_finetune.run_dir import last_complete_checkpoint
 from pg_finetune.train import main
-from pg_finetune.trainer import last_complete_checkpoint
 from tests.hooks import TracingCollator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -68,6 +68,14 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("easyvqa", "easy-VQA shapes (offline), exact match", "vqa", split="test", source="builtin:easyvqa"),
         Benchmark("vqa", "generic VQA (--data), exact match", "vqa", split="validation"),
         Benchmark("ocr", "text reading (--data): exact match, CER, WER, ANLS", "ocr", split="validation"),
+        Benchmark("docvqa", "DocVQA / InfoVQA (--data), ANLS", "vqa", split="validation", metric="anls",
+                  prefix="answer en {question}"),
+        Benchmark("chartqa", "ChartQA (--data), relaxed accuracy (numbers within 5%)", "vqa", split="test",
+                  metric="relaxed_accuracy", prefix="answer en {question}"),
+        Benchmark("ai2d", "AI2D diagrams (--data; prefix lists the options), multiple-choice accuracy",
+                  "vqa", split="test", metric="multiple_choice_accuracy"),
+        Benchmark("scienceqa", "ScienceQA (--data; prefix lists the options), multiple-choice accuracy",
+                  "vqa", split="test", metric="multiple_choice_accuracy"),
     )
 }  # fmt: skip
 

@@ -120,7 +120,7 @@ class PaliGemmaCollator:
             # trainer.SubstituteBadRecords, which hands over the next good record instead of None.
             raise ValueError(
                 "every record of this batch was skipped as bad (see the warnings above); wrap the dataset in "
-                "pg_finetune.trainer.SubstituteBadRecords so that a bad record is replaced, not dropped"
+                "pg_finetune.data.bad_records.SubstituteBadRecords so that a bad record is replaced, not dropped"
             )
         with_suffix = [r.get("suffix") is not None for r in records]
         if any(with_suffix) and not all(with_suffix):

@@ -131,27 +131,24 @@ def main(
 
     from pg_finetune.collator import PaliGemmaCollator, SequenceTooLongError
     from pg_finetune.data import BadRecordError
+    from pg_finetune.data.bad_records import SubstituteBadRecords
     from pg_finetune.model import ModelLoadError, load_model, load_processor
     from pg_finetune.model_card import write_model_card
     from pg_finetune.recipe_data import load_eval_records, train_dataset
     from pg_finetune.report import write_report
-    from pg_finetune.tasks import get_task
-    from pg_finetune.trainer import (
+    from pg_finetune.run_dir import (
         STAGING_PREFIX,
-        GenerationEvalCallback,
-        NonFiniteLossError,
-        PaliGemmaTrainer,
         RunDirError,
-        RunEval,
         RunState,
         RunStateCallback,
-        SubstituteBadRecords,
         checkpoint_step,
         choose_checkpoint,
         final_is_current,
         last_complete_checkpoint,
         remove_partial_checkpoints,
     )
+    from pg_finetune.tasks import get_task
+    from pg_finetune.trainer import GenerationEvalCallback, NonFiniteLossError, PaliGemmaTrainer, RunEval
     from pg_finetune.tuning import apply_tuning, describe_parameters, merge_adapter_into_base, merge_lora
 
     logging.getLogger("pg_finetune").setLevel(recipe.logging.log_level.upper())
@@ -361,7 +358,7 @@ def _check_images(records, recipe: Recipe, is_main: bool) -> set[int]:
     """data.check_images: every training image's header, before any training. Unreadable ones are all
     listed (BadRecordError), or with data.skip_bad_records counted and returned to be skipped."""
     from pg_finetune.data import BadRecordError
-    from pg_finetune.trainer import check_image_headers
+    from pg_finetune.data.bad_records import check_image_headers
 
     bad = check_image_headers(records, progress=is_main)
     if bad and not recipe.data.skip_bad_records:

@@ -8,6 +8,8 @@ Two metrics over the same parser:
 - `vqav2_accuracy`: the official VQA accuracy (`pg_finetune.metrics.vqa`: min(#humans / 3, 1)
   over leave-one-out subsets, with `accuracy/<answer type>`); a record with fewer than 3 answers
   is refused with the reason, never silently scored 0.
+Document, chart and multiple-choice benchmarks use the metrics of `pg_finetune.metrics.vqa_variants`:
+`anls` (DocVQA, InfoVQA), `relaxed_accuracy` (ChartQA), `multiple_choice_accuracy` (AI2D, ScienceQA).
 """
 
 from __future__ import annotations
@@ -85,11 +87,89 @@ def _describe(reference) -> str:
     return "\n".join(answers)
 
 
+def _anls_score(
+    predictions: Sequence[str], references: Sequence[list[str]], options: ScoreOptions
+) -> Scored:
+    from pg_finetune.metrics.vqa_variants import anls_scores
+
+    return Scored(anls_scores(predictions, references))
+
+
+def _anls_each(
+    predictions: Sequence[str], references: Sequence[list[str]], options: ScoreOptions
+) -> list[float]:
+    from pg_finetune.metrics.text import anls_each
+
+    check_lengths(predictions, references)
+    return anls_each(predictions, references)
+
+
+ANLS = Metric(
+    name="anls",
+    reference=_answers,
+    score=_anls_score,
+    each=_anls_each,
+    example_label="ANLS",
+    references_help='{"id": ..., "answers": ["...", ...]} (or "suffix"): every accepted answer '
+    "(DocVQA, InfoVQA)",
+)
+
+
+def _relaxed_score(
+    predictions: Sequence[str], references: Sequence[list[str]], options: ScoreOptions
+) -> Scored:
+    from pg_finetune.metrics.vqa_variants import relaxed_scores
+
+    check_lengths(predictions, references)
+    return Scored(relaxed_scores(predictions, references))
+
+
+RELAXED_ACCURACY = Metric(
+    name="relaxed_accuracy",
+    reference=_answers,
+    score=_relaxed_score,
+    example_label="relaxed match",
+    binary=True,
+    references_help='{"id": ..., "answers": ["..."]} (or "suffix"): the ChartQA label; numbers within 5% '
+    "match",
+)
+
+
+def _multiple_choice_reference(record: dict) -> dict:
+    question_type = record.get("question_type")
+    if question_type is not None and not isinstance(question_type, str):
+        raise ValueError(f"'question_type' must be a string, got {question_type!r}")
+    return {"answers": _answers(record), "question_type": question_type}
+
+
+def _multiple_choice_score(
+    predictions: Sequence[str], references: Sequence[dict], options: ScoreOptions
+) -> Scored:
+    from pg_finetune.metrics.vqa_variants import multiple_choice_scores
+
+    check_lengths(predictions, references)
+    types = [r["question_type"] for r in references]
+    answers = [r["answers"] for r in references]
+    return Scored(multiple_choice_scores(predictions, answers, types if any(types) else None))
+
+
+MULTIPLE_CHOICE_ACCURACY = Metric(
+    name="multiple_choice_accuracy",
+    reference=_multiple_choice_reference,
+    score=_multiple_choice_score,
+    example_label="correct option",
+    binary=True,
+    references_help='{"id": ..., "answers": ["<the correct option>"] (or "suffix"; ScienceQA\'s '
+    '"The answer is B." '
+    'is read as the letter), "question_type": "..." (optional: adds accuracy/<type>)}',
+)
+
+
 VQA = Task(
     name="vqa",
     default_prefix="answer en",
     metric=EXACT_MATCH,
-    alternatives=(VQAV2_ACCURACY,),
+    alternatives=(VQAV2_ACCURACY, ANLS, RELAXED_ACCURACY, MULTIPLE_CHOICE_ACCURACY),
     max_new_tokens=8,
     describe_reference=_describe,
 )
