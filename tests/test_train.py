@@ -343,3 +343,12 @@ def test_final_dir_appears_only_when_complete(tmp_path, monkeypatch):
     assert _run(tmp_path, "eval.before_and_after=false", "logging.html_report=false") == 0
     assert list((run / "final").glob("*.safetensors")) and (run / "final" / "recipe.yaml").is_file()
     assert not (run / "tmp-final").exists() and not (run / "final" / "training_args.bin").exists()
+
+
+def test_an_output_dir_that_cannot_be_a_directory_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        code = main(["--recipe", str(ROOT / "recipes/tiny/easyvqa_lora.yaml"), f"training.output_dir={out}"])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "training.output_dir" in err and str(tmp_path / "taken") in err and "Traceback" not in err

@@ -123,6 +123,12 @@ def main(
     if args.print_recipe:
         save_recipe(recipe, "/dev/stdout")
         return 0
+    try:  # before the training stack loads: a bad output_dir must not cost a model load
+        Path(recipe.training.output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: training.output_dir {recipe.training.output_dir}: cannot create it as a directory "
+              f"({err.strerror or err}); choose another path", file=sys.stderr)  # fmt: skip
+        return 2
 
     # --------------------------------------------------------------------------- the training stack
     # Imported here, after the recipe is known to be valid: these take seconds to import.
