@@ -54,23 +54,32 @@ EXACT_MATCH = Metric(
 )
 
 
+def _typed_answers(record: dict, type_field: str) -> dict:
+    """`{"answers", type_field}`: the answers and the record's question/answer type (None when absent),
+    for metrics that also report per type."""
+    kind = record.get(type_field)
+    if kind is not None and not isinstance(kind, str):
+        raise ValueError(f"{type_field!r} must be a string, got {kind!r}")
+    return {"answers": _answers(record), type_field: kind}
+
+
+def _answers_and_types(references: Sequence[dict], type_field: str) -> tuple[list, list | None]:
+    types = [r[type_field] for r in references]
+    return [r["answers"] for r in references], types if any(types) else None
+
+
 def _vqav2_reference(record: dict) -> dict:
-    answer_type = record.get("answer_type")
-    if answer_type is not None and not isinstance(answer_type, str):
-        raise ValueError(f"'answer_type' must be a string, got {answer_type!r}")
-    answers = _answers(record)
-    problem = too_few_answers(len(answers))
+    reference = _typed_answers(record, "answer_type")
+    problem = too_few_answers(len(reference["answers"]))
     if problem:  # refused by record and reported: never a silent 0
         raise ValueError(problem)
-    return {"answers": answers, "answer_type": answer_type}
+    return reference
 
 
 def _vqav2_score(predictions: Sequence[str], references: Sequence[dict], options: ScoreOptions) -> Scored:
     from pg_finetune.metrics.vqa import vqa_scores
 
-    types = [r["answer_type"] for r in references]
-    answers = [r["answers"] for r in references]
-    return Scored(vqa_scores(predictions, answers, types if any(types) else None))
+    return Scored(vqa_scores(predictions, *_answers_and_types(references, "answer_type")))
 
 
 VQAV2_ACCURACY = Metric(
@@ -136,10 +145,7 @@ RELAXED_ACCURACY = Metric(
 
 
 def _multiple_choice_reference(record: dict) -> dict:
-    question_type = record.get("question_type")
-    if question_type is not None and not isinstance(question_type, str):
-        raise ValueError(f"'question_type' must be a string, got {question_type!r}")
-    return {"answers": _answers(record), "question_type": question_type}
+    return _typed_answers(record, "question_type")
 
 
 def _multiple_choice_score(
@@ -148,9 +154,7 @@ def _multiple_choice_score(
     from pg_finetune.metrics.vqa_variants import multiple_choice_scores
 
     check_lengths(predictions, references)
-    types = [r["question_type"] for r in references]
-    answers = [r["answers"] for r in references]
-    return Scored(multiple_choice_scores(predictions, answers, types if any(types) else None))
+    return Scored(multiple_choice_scores(predictions, *_answers_and_types(references, "question_type")))
 
 
 MULTIPLE_CHOICE_ACCURACY = Metric(
