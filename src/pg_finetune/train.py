@@ -97,6 +97,18 @@ def training_arguments(recipe: Recipe, output_dir: Path) -> TrainingArguments:
     )
 
 
+def _output_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot become the run's directory (None when it can), without creating anything."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def main(
     argv: list[str] | None = None,
     *,
@@ -123,11 +135,10 @@ def main(
     if args.print_recipe:
         save_recipe(recipe, "/dev/stdout")
         return 0
-    try:  # before the training stack loads: a bad output_dir must not cost a model load
-        Path(recipe.training.output_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"error: training.output_dir {recipe.training.output_dir}: cannot create it as a directory "
-              f"({err.strerror or err}); choose another path", file=sys.stderr)  # fmt: skip
+    problem = _output_dir_problem(Path(recipe.training.output_dir))
+    if problem:  # before the training stack loads: a bad output_dir must not cost a model load
+        print(f"error: training.output_dir {recipe.training.output_dir}: {problem}; choose another path",
+              file=sys.stderr)  # fmt: skip
         return 2
 
     # --------------------------------------------------------------------------- the training stack
