@@ -82,6 +82,11 @@ class ModelConfig:
         "Gemma 2 logit soft-capping. null keeps the checkpoint's value, 0 turns it off "
         "(big_vision transfers PaliGemma 2 with it off).",
     )
+    dropout: float = _field(
+        0.0,
+        "Dropout in the language model while training (Gemma's attention_dropout), in [0, 1). "
+        "big_vision's transfers call it llm dropout (e.g. 0.1 in refcoco_seg).",
+    )
     local_files_only: bool = _field(False, "Never touch the network when loading the model.")
     cache_dir: str | None = _field(None, "Hugging Face cache dir; null = the default cache.")
 
@@ -210,6 +215,17 @@ class TrainingConfig:
     ] = _field("adamw_torch", "Optimiser (TrainingArguments.optim); the *_8bit ones need bitsandbytes.")
     adam_beta2: float = _field(0.999, "Adam beta2.")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 = no clipping.")
+    label_smoothing: float = _field(
+        0.0,
+        "Label smoothing on the suffix tokens' cross-entropy, in [0, 1) (big_vision's transfers use "
+        "0.0-0.3).",
+    )
+    loss_normalization: Literal["token", "example"] = _field(
+        "token",
+        "'token': mean over every suffix token of the (accumulated, all-process) batch, as transformers "
+        "does. 'example': mean over each example's suffix tokens, then over examples, as big_vision's "
+        "PaliGemma trainer does (short targets weigh as much as long ones).",
+    )
     seed: int = _field(42, "Seed for model init, data order and dropout.")
     logging_steps: int = _field(10, "Log the training loss every N steps.")
     save_steps: int = _field(500, "Save a checkpoint every N steps.")
@@ -262,6 +278,15 @@ class EvalConfig:
     do_sample: bool = _field(False, "Sample instead of greedy/beam decoding.")
     eval_steps: int | None = _field(
         None, "Compute generation metrics every N steps; null = only before/after."
+    )
+    metric_for_best: str | None = _field(
+        None,
+        "With eval_steps: keep the checkpoint that scores best on this metric (a key the task's metric "
+        "reports, e.g. 'accuracy' or 'cider') as best/ beside final/; null = no best/.",
+    )
+    early_stopping_patience: int | None = _field(
+        None,
+        "With metric_for_best: stop after this many evaluations without improvement; null = never.",
     )
 
 
@@ -457,6 +482,8 @@ def _adapter_methods() -> str:
 def model_problems(m: ModelConfig) -> list[str]:
     """The rules of the `model` section; `load_model` applies them to a config built in code too."""
     problems: list[str] = []
+    if not 0 <= m.dropout < 1:
+        problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}; e.g. 0.1")
     if m.attn_implementation == "flash_attention_2":
         problems.append(
             "model.attn_implementation: flash_attention_2 is refused for PaliGemma: transformers then drops "
@@ -571,6 +598,8 @@ def _check_combinations(recipe: Recipe) -> list[str]:
         problems.append(f"training.warmup_ratio: must be in [0, 1), got {tr.warmup_ratio}; e.g. 0.05")
     if tr.weight_decay < 0:
         problems.append(f"training.weight_decay: must be >= 0, got {tr.weight_decay}")
+    if not 0 <= tr.label_smoothing < 1:
+        problems.append(f"training.label_smoothing: must be in [0, 1), got {tr.label_smoothing}; e.g. 0.1")
     if tr.max_grad_norm < 0:
         problems.append(f"training.max_grad_norm: must be >= 0 (0 = no clipping), got {tr.max_grad_norm}")
     if not 0 <= tr.adam_beta2 < 1:
@@ -610,6 +639,7 @@ def _check_combinations(recipe: Recipe) -> list[str]:
     at_least("eval.max_samples", ev.max_samples, 1, optional=True)
     at_least("eval.max_new_tokens", ev.max_new_tokens, 1, optional=True)
     at_least("eval.eval_steps", ev.eval_steps, 1, optional=True)
+    at_least("eval.early_stopping_patience", ev.early_stopping_patience, 1, optional=True)
     return problems
 
 
