@@ -18,12 +18,16 @@ ARGS          ?=
 PYTEST_ARGS   ?=
 HAS_GPU       := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup finetune test lint eval bench clean help
+CHROMIUM      ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
+SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup finetune test test-browser lint eval bench clean help
 
 help:
 	@echo "make setup                 create .venv and install pg-finetune (CPU torch unless a GPU is present)"
 	@echo "make finetune [RECIPE=...] train a recipe (default: $(RECIPE), offline tiny model)"
 	@echo "make test                  install what the tests need and run the suite"
+	@echo "make test-browser          open report.html and detections.html in headless Chromium (installs it)"
 	@echo "make lint                  ruff"
 	@echo "make eval ARGS='...'       python -m eval.run ARGS (see README)"
 	@echo "make bench                 benchmarks under bench/ (print a table, write JSON)"
@@ -46,6 +50,14 @@ finetune: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The pages people open, in a real browser (tests/test_browser.py, marker `browser`). Pages and their
+# screenshots (report.png, detections.png) stay under runs/test-browser/ to look at.
+test-browser: setup
+ifeq ($(strip $(CHROMIUM)),)
+	$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium
+endif
+	$(PY) -m pytest -m browser -s --basetemp=runs/test-browser tests/test_browser.py $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check src tests eval bench data_prep

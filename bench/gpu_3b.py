@@ -2,6 +2,7 @@
 
     python bench/gpu_3b.py                       # needs a CUDA GPU; without one it says so and exits 0
     python bench/gpu_3b.py --estimate            # no GPU: analytic parameter, FLOP and memory counts
+    python bench/gpu_3b.py --plan --batch-sizes 1,4,8   # the GPU-memory planning table of docs/memory.md
     python bench/gpu_3b.py --models paligemma --methods lora,qlora --batch-sizes 4 --steps 5
     python bench/gpu_3b.py --cpu-smoke           # runs the GPU code path on the tiny configs, on CPU
 
@@ -65,11 +66,14 @@ VOCAB = 257216
 IMAGE_TOKEN_ID = 257152  # PaliGemma's <image>
 
 
-def paligemma_config(name: str = "paligemma") -> PaliGemmaConfig:
-    """PaliGemma-3B-224 ("paligemma") or PaliGemma 2 3B-224 ("paligemma2") with the published dimensions."""
+def paligemma_config(name: str = "paligemma", image_size: int = 224) -> PaliGemmaConfig:
+    """PaliGemma-3B ("paligemma") or PaliGemma 2 3B ("paligemma2") with the published dimensions.
+
+    image_size 224 / 448 / 896 gives 256 / 1024 / 4096 image tokens (the -224/-448/-896 checkpoints).
+    """
     text_cls, text = {"paligemma": (GemmaConfig, GEMMA_2B), "paligemma2": (Gemma2Config, GEMMA2_2B)}[name]
     width = text["hidden_size"]
-    vision = SiglipVisionConfig(**SIGLIP_SO400M_224, projection_dim=width)
+    vision = SiglipVisionConfig(**{**SIGLIP_SO400M_224, "image_size": image_size}, projection_dim=width)
     text_config = text_cls(**text, vocab_size=VOCAB, max_position_embeddings=8192, pad_token_id=0, eos_token_id=1,
                            bos_token_id=2)
     config = PaliGemmaConfig(vision_config=vision, text_config=text_config, image_token_index=IMAGE_TOKEN_ID,
@@ -186,10 +190,12 @@ class MemoryEstimate:
     activations: float
     logits: float
     overhead: float
+    attention_scores: float = 0.0  # eager attention's saved S x S probabilities (0 for sdpa / flex)
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.logits + self.overhead
+        return (self.weights + self.grads + self.optimizer + self.activations + self.logits + self.overhead
+                + self.attention_scores)
 
 
 def estimate_memory(
@@ -201,10 +207,20 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     loss_positions: int | None = None,
     lora_r: int = 8,
+    attention: str | None = None,
+    overhead: float = 1.0 * GiB,
 ) -> MemoryEstimate:
-    """Bytes, rough: bf16 weights and activations (qlora: 4-bit decoder projections, the rest fp32 as
-    peft's prepare_model_for_kbit_training upcasts it), AdamW with two states per trained weight
-    (bf16 for full/attention_only, fp32 LoRA adapters), frozen vision tower (no saved activations).
+    """Bytes, rough: bf16 weights and activations (qlora: 4-bit decoder projections, the rest bf16:
+    `tuning.prepare_for_kbit_training` does not upcast bf16 weights as peft's
+    prepare_model_for_kbit_training does, which would add 4 bytes x ~0.93 B = +1.9 GB at 3B), AdamW
+    with two states per trained weight (bf16 for full/attention_only, fp32 LoRA adapters), frozen
+    vision tower (no saved activations).
+
+    attention: "eager" saves every layer's heads x S x S probabilities for backward (Gemma 2's
+    soft-cap tanh output bf16, the fp32 softmax and its bf16 copy: 8 bytes per score; Gemma: 6);
+    "sdpa" and "flex_attention" save O(S). None = what load_model uses: sdpa for PaliGemma, eager
+    for PaliGemma 2 (sdpa cannot soft-cap). overhead: CUDA context and allocator slack (GPU), or
+    the Python/torch runtime (CPU RSS).
     """
     p = count_params(config)
     x = _dims(config)
@@ -220,7 +236,7 @@ def estimate_memory(
     elif method == "qlora":
         # nf4: 0.5 byte per weight + double-quantised absmax (1 byte per 64 weights + fp32 per 256 blocks)
         four_bit = p["decoder_linear"] * (0.5 + 1 / 64 + 4 / (64 * 256))
-        weights = four_bit + 4 * (p["total"] - p["decoder_linear"]) + 4 * n_lora
+        weights = four_bit + 2 * (p["total"] - p["decoder_linear"]) + 4 * n_lora
         grads, optimizer = 4 * n_lora, 8 * n_lora
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -235,8 +251,13 @@ def estimate_memory(
         activations = tokens * x["layers"] * per_layer
     positions = batch * (seq_len if loss_positions is None else loss_positions)
     logits = positions * x["vocab"] * (2 + 4 + 4)  # bf16 logits, fp32 upcast, fp32 gradient of log-softmax
-    overhead = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack
-    return MemoryEstimate(weights, grads, optimizer, activations, logits, overhead)
+    gemma2 = config.text_config.model_type == "gemma2"
+    attention = attention or ("eager" if gemma2 else "sdpa")
+    scores = 0.0
+    if attention == "eager":
+        per_layer_scores = batch * config.text_config.num_attention_heads * seq_len**2 * (8 if gemma2 else 6)
+        scores = per_layer_scores * (1 if gradient_checkpointing else x["layers"])
+    return MemoryEstimate(weights, grads, optimizer, activations, logits, overhead, scores)
 
 
 def run_estimate(args) -> dict:
@@ -279,6 +300,30 @@ def run_estimate(args) -> dict:
         print(f"QLoRA on PaliGemma-3B-224 at batch 4 (no checkpointing, suffix_loss): ~{q['total_gib']:.1f} GiB "
               f"-> {verdict} a 16 GB GPU (with full logits: ~{q['total_full_logits_gib']:.1f} GiB)")
     return {"rows": rows, "qlora_3b_batch4_fits_16gb": None if not q else q["total_gib"] < 16 * 0.93}
+
+
+def plan_table(args) -> list[str]:
+    """Markdown rows: estimated peak GiB per model x method x resolution x batch, without / with checkpointing.
+
+    PaliGemma 2 gets two rows per case: eager attention (what load_model falls back to) and
+    flex_attention (model.attn_implementation: flex_attention, which keeps soft-capping and the
+    prefix-LM mask without saving S x S scores).
+    """
+    lines = ["| model | method | px | image tokens | attention | batch | GiB, no ckpt | GiB, ckpt |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in args.models.split(","):
+        for size in (224, 448, 896):
+            config = paligemma_config(name, size)
+            seq = (size // 14) ** 2 + args.text_tokens
+            for method in args.methods.split(","):
+                for attention in (("eager", "flex_attention") if name == "paligemma2" else ("sdpa",)):
+                    for batch in args.batch_sizes:
+                        cells = [estimate_memory(config, method, batch, seq, gradient_checkpointing=ckpt,
+                                                 loss_positions=args.suffix_tokens, attention=attention).total / GiB
+                                 for ckpt in (False, True)]
+                        lines.append(f"| {name} | {method} | {size} | {(size // 14) ** 2} | {attention} | {batch} | "
+                                     f"{cells[0]:.1f} | {cells[1]:.1f} |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- measurement
@@ -411,6 +456,8 @@ def _peak_tflops(name: str) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--estimate", action="store_true", help="analytic counts only (no GPU needed)")
+    parser.add_argument("--plan", action="store_true",
+                        help="markdown table of estimated GiB per method x resolution x batch (docs/memory.md)")
     parser.add_argument("--cpu-smoke", action="store_true", help="the measurement code path on tiny configs, CPU")
     parser.add_argument("--models", default="paligemma,paligemma2")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -429,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.machine(), torch=torch.__version__,
                 seq_len=args.seq_len, suffix_tokens=args.suffix_tokens)
 
+    if args.plan:
+        print("\n".join(plan_table(args)))
+        return 0
     if args.estimate:
         result = run_estimate(args)
         path = out / "gpu_3b_estimate.json"

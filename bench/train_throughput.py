@@ -1,10 +1,26 @@
-"""Training throughput of the tiny recipe, per tuning method: our training step against the notebook one.
+"""Training throughput of the tiny recipes against the HF notebook recipe.
 
-    python bench/train_throughput.py [--steps 40] [--batch-size 16] [--threads 1] [--out bench/results]
+    python bench/train_throughput.py                      # processes: ours vs notebook, ~25 min on 2 quiet cores
+    python bench/train_throughput.py --rounds 1 --steps 30   # a smoke run (~5 min)
+    python bench/train_throughput.py --mode steps         # in-process breakdown of our speed-ups, per step
 
-Variants, each with its own copy of the same model (same seed), the same batches
-in the same order, the same optimizer (torch AdamW as `optim: adamw_torch` builds
-it; on CPU that is the for-loop implementation) and the same number of steps:
+--mode process (the default; the figure the README quotes): whole training processes, as users run
+them. "ours" is `python -m pg_finetune.train --recipe recipes/tiny/easyvqa_{lora,full}.yaml` as
+shipped (via bench/ours_train.py); "notebook" is bench/notebook_train.py, the HF notebook recipe with
+the Trainer's defaults as a user gets them (its own LoRA r=8 on q/k/v/o/gate/up/down without dropout,
+or a decoder-only full fine-tune; the optimizer the Trainer picks; torch's default threads);
+"notebook matched" is the same script with the recipe's adapters, dropout, optimizer and trained
+parts, so only the pipeline differs. Both read the same JSONL records: "distinct" has one image per
+record (4000 easy-VQA images, one question each: no image cache hits within an epoch), "repeated"
+the first 4000 questions (~10 per image, what the tiny recipes train on). The figure is the
+Trainer-reported train samples/s of each process (`--steps` steps, batch 16, default threads); the
+runs alternate (ours, notebook, notebook matched, ours, ...) for `--rounds` rounds, and the table
+gives the median over rounds of ours / notebook within a round. Writes
+bench/results/train_throughput.json.
+
+--mode steps: in one process, each variant with its own copy of the same model (same seed), the same
+batches in the same order, the same optimizer (the fused AdamW the Trainer picks with torch >= 2.8;
+`--optim forloop` for `optim: adamw_torch` on CPU) and the same number of steps:
 
 - baseline:   the collator of the usual HF blog/notebook recipe (the full
               `PaliGemmaProcessor(images=, text=, suffix=)` every step) and `model(**batch).loss`;
@@ -17,12 +33,10 @@ it; on CPU that is the for-loop implementation) and the same number of steps:
               output computed once per distinct image (all four methods here freeze it, as
               `TuningConfig`'s defaults do; the cache is bypassed when it trains).
 
-Records are read through the dataset every step, as the Trainer's DataLoader does
-(`load_records(...)[i]`; the variants before "+image cache" decode the PNG on every read). The variants run
-interleaved, one step each in turn, and the figure is the median step time, so
-a neighbour's load on the machine hits every variant alike. A second table
-times `optimizer.step()` alone for the for-loop, foreach and fused AdamW.
-Prints tables and writes JSON. Numbers, not pass/fail.
+Records are read through the dataset every step, as the Trainer's DataLoader does. The variants run
+interleaved, one step each in turn, and the figure is the median step time. A second table times
+`optimizer.step()` alone for the for-loop, foreach and fused AdamW. Writes
+bench/results/train_steps.json. Numbers, not pass/fail.
 """
 
 from __future__ import annotations
@@ -32,6 +46,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +60,12 @@ from pg_finetune.model import load_model, load_processor
 from pg_finetune.recipe import ModelConfig, TuningConfig
 from pg_finetune.speed import ImageFeatureCache, suffix_loss
 from pg_finetune.tuning import apply_tuning
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fresh_dirs, parse_report, write_easyvqa_jsonl  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+RECIPES = {"lora": "recipes/tiny/easyvqa_lora.yaml", "full": "recipes/tiny/easyvqa_full.yaml"}
 
 VARIANTS = ("baseline", "+collator", "+pixel cache", "+suffix_loss", "+image cache", "ours")
 
@@ -79,14 +102,16 @@ def build(method: str, model_name: str = "tiny"):
     return apply_tuning(load_model(ModelConfig(name_or_path=model_name), tuning), tuning).train()
 
 
-def make_optimizer(model, kind: str = "forloop"):
+def make_optimizer(model, kind: str = "fused"):
     params = [p for p in model.parameters() if p.requires_grad]
-    # lr as the tiny recipes; "forloop" is what Trainer's adamw_torch gives on CPU (foreach=None -> False)
+    # lr as the tiny recipes; "fused" is the Trainer's default optim (adamw_torch_fused) with torch >= 2.8,
+    # "forloop" what `optim: adamw_torch` gives on CPU (foreach=None -> False)
     options = {"forloop": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, **options)
 
 
-def bench_method(method: str, split: str, processor, steps: int, batch_size: int, max_length: int) -> list[dict]:
+def bench_method(method: str, split: str, processor, steps: int, batch_size: int, max_length: int,
+                 optim: str = "fused") -> list[dict]:
     def records(cached: bool):
         return load_records("builtin:easyvqa", split, image_cache_mb=256 if cached else 0)
 
@@ -101,7 +126,7 @@ def bench_method(method: str, split: str, processor, steps: int, batch_size: int
     runs = {}
     for name, (dataset, collate, loss_fn) in setups.items():
         model = build(method)
-        runs[name] = dict(model=model, optimizer=make_optimizer(model), collate=collate, loss_fn=loss_fn,
+        runs[name] = dict(model=model, optimizer=make_optimizer(model, optim), collate=collate, loss_fn=loss_fn,
                           dataset=dataset, times=[], tokens=0, slots=0, losses=[])
     n = len(dataset)
     for step in range(steps + 2):  # two warm-up steps
@@ -155,18 +180,92 @@ def bench_optimizers(method: str, repeats: int = 30) -> dict[str, float]:
     return {kind: 1000 * statistics.median(t[2:]) for kind, t in times.items()}
 
 
+def run_child(cmd: list[str]) -> dict:
+    cmd = fresh_dirs(cmd)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return parse_report(done.stdout)
+
+
+def process_commands(method: str, data: Path, work: Path, steps: int) -> dict[str, list[str]]:
+    """The three processes of one comparison: ours (the recipe as shipped), notebook, notebook matched."""
+    from pg_finetune.model import tiny_model_dir
+    from pg_finetune.recipe import load_recipe
+
+    recipe = load_recipe(RECIPES[method])
+    py = sys.executable
+    ours = [py, str(BENCH / "ours_train.py"), "--recipe", RECIPES[method], f"data.train={data}",
+            "data.train_split=train", "data.eval_split=null", "eval.before_and_after=false", "data.check_images=false",
+            f"training.max_steps={steps}", f"training.output_dir={work / 'ours-RUN'}", "logging.html_report=false",
+            "training.save_steps=1000000", "training.logging_steps=50"]  # fmt: skip
+    notebook = [py, str(BENCH / "notebook_train.py"), "--data", str(data), "--model", str(tiny_model_dir("tiny")),
+                "--method", method, "--max-steps", str(steps), "--output-dir", str(work / "notebook-RUN")]
+    matched = [*notebook, "--matched", "--lora-dropout", str(recipe.tuning.lora_dropout), "--optim", recipe.training.optim]
+    return {"ours": ours, "notebook": notebook, "notebook matched": matched}
+
+
+def process_main(args: argparse.Namespace) -> None:
+    if args.threads:  # pg_finetune.train has no thread option: every side runs at torch's default, as users do
+        raise SystemExit("--threads applies to --mode steps only")
+    work = Path(tempfile.mkdtemp(prefix="train_throughput_"))
+    rows = []
+    for kind in args.data.split(","):
+        data = write_easyvqa_jsonl(work / f"{kind}.jsonl", kind)
+        for method in args.methods.split(","):
+            commands = process_commands(method, data, work, args.steps)
+            runs: dict[str, list[float]] = {name: [] for name in commands}
+            for round_ in range(args.rounds):
+                for name, cmd in commands.items():  # interleaved: ours, notebook, matched, ours, ...
+                    result = run_child(cmd)
+                    runs[name].append(result["samples_per_s"])
+                    print(f"{kind:<9}{method:<6}round {round_ + 1}: {name:<17}{result['samples_per_s']:>8.1f} samples/s",
+                          flush=True)
+            for name in ("notebook", "notebook matched"):
+                ratios = [o / n for o, n in zip(runs["ours"], runs[name], strict=True)]
+                rows.append(dict(data=kind, method=method, baseline=name, ours_samples_per_s=runs["ours"],
+                                 baseline_samples_per_s=runs[name], ratios=ratios,
+                                 median_ratio=statistics.median(ratios)))
+    print(f"\n{'data':<10}{'method':<7}{'baseline':<18}{'ours s/s':>9}{'base s/s':>9}{'median ratio':>14}  ratios")
+    for r in rows:
+        print(f"{r['data']:<10}{r['method']:<7}{r['baseline']:<18}{statistics.median(r['ours_samples_per_s']):>9.1f}"
+              f"{statistics.median(r['baseline_samples_per_s']):>9.1f}{r['median_ratio']:>13.2f}x  "
+              + ", ".join(f"{x:.2f}" for x in r["ratios"]))
+    meta = dict(
+        date=time.strftime("%Y-%m-%d %H:%M"), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        cpu_count=os.cpu_count(), torch=torch.__version__, steps=args.steps, rounds=args.rounds, batch_size=16,
+        threads="torch default", statistic="median over rounds of ours/baseline Trainer samples/s within a round",
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "train_throughput.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--mode", choices=("process", "steps"), default="process")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (process: 200, steps: 40)")
+    parser.add_argument("--rounds", type=int, default=3, help="process: interleaved rounds")
+    parser.add_argument("--data", default="distinct,repeated", help="process: distinct (one image per record), repeated")
+    parser.add_argument("--batch-size", type=int, default=16, help="steps mode (process mode: the recipes' 16)")
     parser.add_argument("--max-length", type=int, default=64, help="data.max_length of the tiny recipes")
-    parser.add_argument("--methods", default="full_vision,full,attention_only,lora,qlora",
-                        help="tuning methods; full_vision = full with the vision tower and projector trained "
-                             "(the tiny easyvqa_full recipe)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (0: torch's default); 1 is steadier when other work shares the cores")
+    parser.add_argument("--methods", default=None,
+                        help="process: lora,full (the tiny recipes); steps: full_vision,full,attention_only,lora,qlora "
+                             "(full_vision = full with the vision tower and projector trained, the tiny easyvqa_full recipe)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="steps mode: torch threads (0: torch's default, what users get); 1 is steadier on a busy machine")
+    parser.add_argument("--optim", choices=("fused", "foreach", "forloop"), default="fused",
+                        help="steps mode: AdamW for every variant (fused: the Trainer's default)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
+    if args.mode == "process":
+        args.steps = args.steps or 200
+        args.methods = args.methods or "lora,full"
+        return process_main(args)
+    args.steps = args.steps or 40
+    args.methods = args.methods or "full_vision,full,attention_only,lora,qlora"
     if args.threads:
         torch.set_num_threads(args.threads)
     processor = load_processor("tiny")
@@ -174,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, optim = [], {}
     for method in methods:
-        rows += bench_method(method, "train[:512]", processor, args.steps, args.batch_size, args.max_length)
+        rows += bench_method(method, "train[:512]", processor, args.steps, args.batch_size, args.max_length, args.optim)
         optim[method] = bench_optimizers(method)
 
     print(f"\n{'method':<15}{'variant':<14}{'step ms':>9}{'samples/s':>11}{'tok/s':>9}{'vs baseline':>13}")
@@ -196,10 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     meta = dict(
         date=time.strftime("%Y-%m-%d %H:%M"), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
         threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__, steps=args.steps,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, optim=args.optim,
         statistic="median step time over interleaved steps",
     )
-    path = out / "train_throughput.json"
+    path = out / "train_steps.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows, "optimizer_step_ms": optim}, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -3,6 +3,8 @@
 1. Two gloo CPU processes x batch 4 == one process x batch 8 (same final weights, same train_loss),
    and only the main process writes (the output directory looks exactly like a one-process run's).
 2. One process: batch 8 x accumulation 1 == batch 2 x accumulation 4.
+3. (slow) 1. again with big_vision's per-example loss (training.loss_normalization=example); its
+   accumulation variant is tests/test_loss_options.py.
 
 Why the example order matches without touching train.py (transformers 5.23, accelerate 1.15):
 the Trainer builds a plain `RandomSampler` (train_sampling_strategy="random"); accelerate's
@@ -72,17 +74,17 @@ def _overrides(out: Path, batch: int, accumulation: int = 1) -> list[str]:
     ]
 
 
-def _one_process(out: Path, batch: int, accumulation: int = 1) -> Path:
-    assert main(["--recipe", RECIPE, *_overrides(out, batch, accumulation)]) == 0
+def _one_process(out: Path, batch: int, accumulation: int = 1, extra: tuple[str, ...] = ()) -> Path:
+    assert main(["--recipe", RECIPE, *_overrides(out, batch, accumulation), *extra]) == 0
     return out
 
 
-def _two_processes(out: Path, batch: int) -> Path:
+def _two_processes(out: Path, batch: int, extra: tuple[str, ...] = ()) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # two gloo CPU processes even on a GPU machine
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "pg_finetune.train", "--recipe", RECIPE, *_overrides(out, batch),
+        "-m", "pg_finetune.train", "--recipe", RECIPE, *_overrides(out, batch), *extra,
     ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -142,6 +144,24 @@ def test_batch_8_equals_batch_2_times_accumulation_4(batch8, tmp_path):
     accumulated = _one_process(tmp_path / "run", 2, accumulation=4)
     _assert_same_training(accumulated, batch8)
     assert _listing(accumulated) == _listing(batch8)
+
+
+# big_vision's per-example loss: the example count, like the token count, is summed over the ranks
+# (PaliGemmaTrainer._get_num_items_in_batch). Plain SGD without clipping, so that a count off by the
+# world size (a step twice as long) shows; Adam's first steps would hide it. Slow: two runs, ~90 s here.
+PER_EXAMPLE = (
+    "training.loss_normalization=example", "training.label_smoothing=0.1",
+    "training.optim=sgd", "training.learning_rate=0.5", "training.max_grad_norm=0",
+)
+
+
+@pytest.mark.slow
+def test_per_example_loss_two_ddp_processes_equal_one_process(tmp_path):
+    one = _one_process(tmp_path / "one", GLOBAL_BATCH, extra=PER_EXAMPLE)
+    ddp = _two_processes(tmp_path / "ddp", GLOBAL_BATCH // 2, extra=PER_EXAMPLE)
+    _assert_same_training(ddp, one)
+    token = _weights(_one_process(tmp_path / "token", GLOBAL_BATCH, extra=PER_EXAMPLE[1:]))
+    assert any(not torch.allclose(w, token[k], **WEIGHT_TOL) for k, w in _weights(one).items())  # another update
 
 
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))

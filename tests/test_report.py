@@ -242,7 +242,7 @@ def test_before_and_after_columns_come_from_each_prediction_file(tmp_path):
     # the summary shows the run's figures and the metrics table before vs after
     text = page.text()
     assert "trainable params: 10 / 100" in text and "3.2 s" in text and "12.5 samples/s" in text
-    assert "lora (r=4, alpha=8, dropout=0.05); also trains the projector" in text
+    assert "lora (r=4, alpha=8, dropout=0.0); also trains the projector" in text
     (metrics,) = page.find_all("table", class_="metrics")
     cells = [td.text() for td in metrics.find_all("td")]
     assert cells[:3] == ["0.0000", "0.6000", "+0.6000"]

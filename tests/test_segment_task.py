@@ -27,10 +27,8 @@ SUFFIX_RE = re.compile(r"(<loc\d{4}>){4}(<seg\d{3}>){16}")
 
 
 @pytest.fixture(scope="module")
-def codec_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("codec") / "codec.npz"
-    assert train_main(["--out", str(path), "--steps", "300", "--quiet"]) == 0
-    return path
+def codec_file(segment_codec_file):
+    return segment_codec_file  # tests/conftest.py: `train_codec --steps 300`, once per session
 
 
 @pytest.fixture(scope="module")

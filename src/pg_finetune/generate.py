@@ -3,7 +3,8 @@
 Prompts are left-padded (so every row's new tokens start at the same column),
 decoded with the KV cache, greedy unless sampling or beams are asked for. With
 `constrain_detection`, rows whose prompt is `detect a ; b` are decoded under
-`pg_finetune.tasks.detect.constrained.DetectionConstraint`, so their output always parses.
+`pg_finetune.tasks.detect.constrained.DetectionConstraint`, and rows whose prompt is `segment X`
+under `pg_finetune.tasks.segment.constrained.SegmentationConstraint`, so their output always parses.
 """
 
 from __future__ import annotations
@@ -104,15 +105,18 @@ def _detection_constraint(tokenizer, chunk, batch, settings, label_tries) -> dic
 
     from pg_finetune.tasks.detect.constrained import DetectionConstraint
     from pg_finetune.tasks.detect.targets import prompt_classes
+    from pg_finetune.tasks.segment.constrained import SegmentationConstraint
 
     prefixes = [r["prefix"] for r in chunk]
-    if not any(prompt_classes(p) for p in prefixes):
-        return {}
-    constraint = DetectionConstraint.for_records(
-        tokenizer, prefixes, prompt_length=batch["input_ids"].shape[1],
-        max_new_tokens=settings.max_new_tokens, tries=label_tries,
-    )
-    return {"logits_processor": LogitsProcessorList([constraint])}
+    # `segment X` rows: 4 loc + 16 seg tokens then eos; each processor leaves the other's rows alone
+    segment = SegmentationConstraint.for_records(tokenizer, prefixes, prompt_length=batch["input_ids"].shape[1])
+    processors = [segment] if segment is not None else []
+    if any(prompt_classes(p) for p in prefixes):
+        processors.append(DetectionConstraint.for_records(
+            tokenizer, prefixes, prompt_length=batch["input_ids"].shape[1],
+            max_new_tokens=settings.max_new_tokens, tries=label_tries,
+        ))  # fmt: skip
+    return {"logits_processor": LogitsProcessorList(processors)} if processors else {}
 
 
 def evaluate_task(

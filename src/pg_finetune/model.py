@@ -8,6 +8,9 @@ No `trust_remote_code`: PaliGemma is part of transformers.
 
 `resolve_max_length` picks the text-token budget inference uses: `--max-length`, else the
 `data.max_length` of the recipe a trained model directory carries, else 512.
+
+`model.dropout` > 0 adds big_vision's llm dropout to the decoder (`add_residual_dropout`): active in
+train mode only, so `model.eval()` (evaluation, generation) turns it off.
 """
 
 from __future__ import annotations
@@ -139,7 +142,55 @@ def load_model(model_cfg: Any, tuning_cfg: Any | None = None) -> PaliGemmaForCon
         model = PaliGemmaForConditionalGeneration.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(_explain(name, err, "model weights")) from err
+    if getattr(model_cfg, "dropout", 0.0):
+        add_residual_dropout(model, model_cfg.dropout)
     return model
+
+
+class _OutputDropout:
+    """Forward hook: dropout on a module's output (the first element of a tuple), in train mode only."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if not module.training:
+            return output
+        if isinstance(output, tuple):
+            return (torch.nn.functional.dropout(output[0], self.p, training=True), *output[1:])
+        return torch.nn.functional.dropout(output, self.p, training=True)
+
+
+def add_residual_dropout(model: torch.nn.Module, p: float) -> list[torch.nn.Module]:
+    """big_vision's llm dropout on every decoder layer of a PaliGemma model; returns the hooked modules.
+
+    big_vision (`models/ppp/gemma.py`, `Block`) drops the attention branch and the MLP branch just before
+    each is added to the residual stream: Gemma 2 drops after its post-attention norm and before its
+    post-feedforward norm, Gemma after self-attention and after the MLP. transformers' Gemma has no such
+    dropout (only `attention_dropout`, on the attention probabilities, which big_vision does not have),
+    so it is added here as forward hooks on those modules. They act only while `module.training` is
+    true, draw from torch's RNG (seeded by training.seed; gradient checkpointing replays the same masks),
+    and are not saved with the weights.
+    """
+    if not 0 < p < 1:
+        raise ValueError(f"dropout must be in (0, 1), got {p}")
+    hooked = []
+    for layer in _paligemma_core(model).language_model.layers:
+        if getattr(layer, "_pg_residual_dropout", None) is not None:
+            raise ValueError("residual dropout is already on this model")
+        gemma2 = hasattr(layer, "post_feedforward_layernorm")  # Gemma 2's post-norms
+        for module in (layer.post_attention_layernorm if gemma2 else layer.self_attn, layer.mlp):
+            module.register_forward_hook(_OutputDropout(p))
+            hooked.append(module)
+        layer._pg_residual_dropout = p
+    return hooked
+
+
+def _paligemma_core(model: torch.nn.Module) -> torch.nn.Module:
+    """The PaliGemmaModel (vision tower, projector, language model) inside a peft or plain model."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.model
 
 
 def _explain(name: str, err: Exception, what: str) -> str:
@@ -168,9 +219,12 @@ def load_for_inference(
     processor = load_processor(adapter or name_or_path)
     model = load_model(ModelConfig(name_or_path=name_or_path, dtype=dtype))
     if adapter:
-        from peft import PeftModel
+        from pg_finetune.imports import bitsandbytes_hidden
 
-        model = PeftModel.from_pretrained(model, adapter)
+        with bitsandbytes_hidden():  # the base is full precision: peft's 4/8-bit layer lookup is not needed
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)
     if torch.cuda.is_available() and not cpu:
         model = model.cuda()
     return model.eval(), processor

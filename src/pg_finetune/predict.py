@@ -6,6 +6,8 @@
         --image street.jpg --prompt "detect car ; person" --save-overlay boxes.png --constrained
     python -m pg_finetune.predict --model runs/x/final --images photos/ --prompt "detect car ; person" \\
         --out predictions.jsonl --overlays boxes/
+    python -m pg_finetune.predict --model runs/tiny_easyvqa_segment/final --image shape.png \\
+        --prompt "segment circle" --save-overlay mask.png --constrained
     python -m pg_finetune.predict --model runs/x/final --records questions.jsonl --out answers.jsonl
 
 Inputs. --image FILE: the output is printed (--json: one JSON object). --images DIR: every image
@@ -19,12 +21,15 @@ and skipped: the exit code is 0 when any input got an output, else 2.
 Parsed results, by the prompt's first word: `detect a ; b` adds "detections"
 ([{"label", "box_xyxy"}], pixels x1 y1 x2 y2) and "malformed" (segments ignored), and
 --save-overlay (--image) / --overlays DIR (any input) draw the boxes on the image;
-`count ...` adds "count" (an integer, null when the output is not one).
+`count ...` adds "count" (an integer, null when the output is not one); `segment X` adds
+"segmentation" ({"box_xyxy", "area", "mask": COCO RLE}, the mask decoded by --mask-codec; null
+with a "problem" when the output is not 4 loc + 16 seg tokens), and the overlay flags draw the mask.
 
 Decoding: greedy unless --num-beams > 1 or --do-sample (then --temperature, --top-p and --top-k
 apply); --repetition-penalty applies to all three. --constrained masks the decoding of detect
 prompts so the output always parses as boxes with the prompt's labels
-(`pg_finetune.tasks.detect.constrained`). The prompt is cut at --max-length text tokens; without
+(`pg_finetune.tasks.detect.constrained`), and of segment prompts so it is 4 loc + 16 seg tokens
+(`pg_finetune.tasks.segment.constrained`). The prompt is cut at --max-length text tokens; without
 the flag, at the `data.max_length` of the recipe.yaml a trained model directory carries
 (--adapter's, else --model's), else 512.
 """
@@ -44,7 +49,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pg_finetune.draw import draw_boxes
+from pg_finetune.draw import draw_boxes, draw_masks
 from pg_finetune.generate import GenerationSettings, generate
 from pg_finetune.images import BadRecordError, open_image
 from pg_finetune.jsonl import jsonl_objects
@@ -54,6 +59,7 @@ from pg_finetune.model import ModelLoadError, load_for_inference, max_length_arg
 from pg_finetune.prep.od_dataset import IMAGE_EXTENSIONS
 from pg_finetune.tasks.count import COUNT
 from pg_finetune.tasks.detect import DETECT, prompt_classes
+from pg_finetune.tasks.segment import SEGMENT, SEGMENT_PREFIX
 
 
 def draw_detections(image: Image.Image, detections) -> Image.Image:
@@ -79,12 +85,48 @@ def _count_fields(text: str, prompt: str, image: Image.Image) -> dict[str, Any]:
     return {"count": read_count(text)}
 
 
+# The mask codec that decodes `segment` outputs (--mask-codec; None: the scoring default).
+_MASK_CODEC: dict[str, Path | None] = {"path": None}
+
+
+def _segment_mask(text: str, image: Image.Image) -> tuple[Any, list[int] | None, str | None]:
+    """(full-image bool mask or None, pixel box or None, why invalid or None) of a segment output."""
+    from pg_finetune.tasks.segment.masks import box_pixels, paste_logits
+    from pg_finetune.tasks.segment.parse import parse_segmentation
+    from pg_finetune.tasks.segment.scoring import default_codec_path, load_codec
+
+    parsed = parse_segmentation(text)
+    if parsed.problem is not None:
+        return None, None, parsed.problem
+    codec = load_codec(_MASK_CODEC["path"] or default_codec_path())
+    box = box_pixels(parsed.bins, image.width, image.height)
+    mask = paste_logits(codec.decode([list(parsed.codes)])[0], box, image.width, image.height)
+    return mask, list(box), None
+
+
+def _segment_fields(text: str, prompt: str, image: Image.Image) -> dict[str, Any]:
+    from pg_finetune.tasks.segment.masks import mask_rle
+
+    mask, box, problem = _segment_mask(text, image)
+    if mask is None:
+        return {"segmentation": None, "problem": problem}
+    return {"segmentation": {"box_xyxy": box, "area": int(mask.sum()), "mask": mask_rle(mask)}}
+
+
+def draw_segmentation(image: Image.Image, text: str, prompt: str) -> Image.Image:
+    """A copy of `image` at full size with the decoded mask (red, translucent) and its box."""
+    mask, box, _ = _segment_mask(text, image)
+    label = " ".join(prompt.split()[1:])
+    return draw_masks(image, predicted=[(box, label, "", mask)] if mask is not None else [])
+
+
 # A prompt's first word -> the task that reads its output. Prompts of other tasks give the text only.
-PROMPT_TASKS: dict[str, str] = {DETECT_PREFIX: DETECT.name, "count": COUNT.name}
+PROMPT_TASKS: dict[str, str] = {DETECT_PREFIX: DETECT.name, "count": COUNT.name, SEGMENT_PREFIX: SEGMENT.name}
 # Task name -> (output, prompt, image) -> the fields its parsed output adds to a result.
 PARSED_FIELDS: dict[str, Callable[[str, str, Image.Image], dict[str, Any]]] = {
     DETECT.name: _detection_fields,
     COUNT.name: _count_fields,
+    SEGMENT.name: _segment_fields,
 }
 
 
@@ -209,6 +251,9 @@ def _result(item: Input, text: str, image: Image.Image, overlay_path: Callable[[
     if task == DETECT.name and (path := overlay_path(item)) is not None:
         draw_detections(image, _parse_boxes(text, item.prompt, image).detections).save(path)
         result["overlay"] = str(path)
+    if task == SEGMENT.name and (path := overlay_path(item)) is not None:
+        draw_segmentation(image, text, item.prompt).save(path)
+        result["overlay"] = str(path)
     return result
 
 
@@ -247,10 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="> 0; above 1 discourages repeating tokens, 1: off (default: %(default)s)")  # fmt: skip
     add("--seed", type=int, default=0, help="seed for sampling (default: %(default)s)")
     add("--constrained", "--constrained-detection", dest="constrained", action="store_true",
-        help="for detect prompts: only let the model write `<loc>x4 label ; ...` with the prompt's labels",
+        help="for detect prompts: only let the model write `<loc>x4 label ; ...` with the prompt's labels; "
+        "for segment prompts: `<loc>x4 <seg>x16`, a non-empty box",
     )
-    add("--save-overlay", metavar="FILE.png", help="with --image, detect prompts: the image with boxes drawn")
-    add("--overlays", metavar="DIR", help="detect prompts: write each image with its boxes as DIR/<id>.png")
+    add("--save-overlay", metavar="FILE.png",
+        help="with --image, detect / segment prompts: the image with boxes / the mask drawn")  # fmt: skip
+    add("--overlays", metavar="DIR",
+        help="detect / segment prompts: write each image with its boxes / mask as DIR/<id>.png")  # fmt: skip
+    add("--mask-codec", metavar="FILE.npz",
+        help="segment prompts: the mask codec the model was trained with (default: $PG_FINETUNE_MASK_CODEC, "
+        "else vae-oid.npz or the tiny offline codec in the cache dir)")  # fmt: skip
     add("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
         help="weights dtype (default: %(default)s)")  # fmt: skip
     add("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
@@ -277,6 +328,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--top-k must be >= 0 (0: off), got {args.top_k}")
     if args.repetition_penalty <= 0:
         parser.error(f"--repetition-penalty must be > 0 (1: off), got {args.repetition_penalty}")
+    if args.mask_codec and not Path(args.mask_codec).is_file():
+        parser.error(f"--mask-codec: no such file: {args.mask_codec}")
     if args.save_overlay and not args.image:
         parser.error("--save-overlay is for --image; use --overlays DIR with --images or --records")
     if args.save_overlay and not Path(args.save_overlay).resolve().parent.is_dir():
@@ -356,6 +409,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --out {args.out}: cannot write ({err.strerror or err})", file=sys.stderr)
             return 2
 
+    _MASK_CODEC["path"] = Path(args.mask_codec) if args.mask_codec else None
+    if any(prompt_task(item.prompt) == SEGMENT.name for item in inputs):
+        from pg_finetune.tasks.segment.scoring import default_codec_path, load_codec
+
+        try:  # a segment output is decoded by the mask codec: fail before the model loads
+            load_codec(_MASK_CODEC["path"] or default_codec_path())
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
     # ---- model and generation
     # The prompt budget the model was trained with, as training-time eval used it, not a fixed 512.
     max_length, max_length_source = resolve_max_length(args.max_length, args.model, args.adapter)
@@ -419,6 +482,9 @@ def _print_one(result: dict, args: argparse.Namespace, max_length: int, max_leng
         print(f"  ({result['malformed']} malformed segments ignored)")
     if "count" in result:
         print(f"  count: {result['count']}")
+    if "segmentation" in result:
+        seg = result["segmentation"]
+        print(f"  mask: {seg['area']} px in box {seg['box_xyxy']}" if seg else f"  no mask: {result['problem']}")
     return 0
 
 

@@ -39,7 +39,7 @@ RECIPE_FILENAME = "recipe.yaml"
 # Keys earlier versions had: a recipe that still sets one is told what replaced it.
 REMOVED_KEYS = {
     "tuning.load_in_4bit": "method qlora implies 4-bit loading, the other methods never quantize; delete it",
-    "training.per_device_eval_batch_size": "no eval-loss pass runs (eval.batch_size is the generation batch)",
+    "training.per_device_eval_batch_size": "eval.batch_size batches the held-out loss and generation; set that instead",
     "data.max_eval_samples": "eval.max_samples caps the eval records; set that instead",
 }
 TuningMethodName = Literal[tuple(METHODS)]  # the schema accepts exactly the registry's names
@@ -73,9 +73,12 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
         "float32", "dtype the weights are loaded in; 'auto' keeps the checkpoint's."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _field(
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = _field(
         "sdpa",
-        "Attention kernel. flash_attention_2 is refused: transformers then drops PaliGemma's prefix-LM mask.",
+        "Attention kernel. sdpa falls back to eager for PaliGemma 2 (sdpa cannot soft-cap); flex_attention "
+        "keeps PaliGemma 2's soft-capping and the prefix-LM mask without eager's S x S memory (GPU training; "
+        "on CPU it runs inference only, torch has no CPU backward; needs model.dropout 0). "
+        "flash_attention_2 is refused: transformers then drops PaliGemma's prefix-LM mask.",
     )
     final_logit_softcapping: float | None = _field(
         None,
@@ -84,8 +87,11 @@ class ModelConfig:
     )
     dropout: float = _field(
         0.0,
-        "Dropout in the language model while training (Gemma's attention_dropout), in [0, 1). "
-        "big_vision's transfers call it llm dropout (e.g. 0.1 in refcoco_seg).",
+        "big_vision's llm dropout, in [0, 1): while training, drops each element of every decoder "
+        "layer's attention output and MLP output with this probability before they are added to the "
+        "residual stream (big_vision models/ppp/gemma.py; 0.1 in its chartqa and scicap transfers). Not "
+        "transformers' attention_dropout (attention probabilities), which stays as the checkpoint has it. "
+        "Off in eval and generation.",
     )
     local_files_only: bool = _field(False, "Never touch the network when loading the model.")
     cache_dir: str | None = _field(None, "Hugging Face cache dir; null = the default cache.")
@@ -133,6 +139,16 @@ class DataConfig:
     )
     eval: str | None = _field(None, "Eval source (same forms as train); null = same source as train.")
     eval_split: str | None = _field("test", "Split to evaluate on, slices allowed; null = no eval.")
+    train_config: str | None = _field(
+        None,
+        "Dataset configuration name for a hub id or a directory of data files (datasets.load_dataset(id, "
+        "NAME), e.g. 'full'); refused for other sources. null = the dataset's default configuration.",
+    )
+    eval_config: str | None = _field(
+        None,
+        "Configuration of the eval source; null = train_config when eval reads the train source (data.eval "
+        "null or equal to data.train), else the default configuration.",
+    )
     image_column: str = _field("image", "Column holding the image (PIL image or path).")
     image_root: str | None = _field(
         None,
@@ -140,7 +156,16 @@ class DataConfig:
         "null = the JSON's directory. (JSONL image paths are relative to the file.)",
     )
     prefix_column: str = _field("prefix", "Column holding the prompt; missing -> task.prefix.")
-    suffix_column: str = _field("suffix", "Column holding the target text the loss is on.")
+    suffix_column: str = _field(
+        "suffix",
+        "Column holding the target text the loss is on. Numbers become text: 3 -> '3', 3.0 -> '3', "
+        "0.5 -> '0.5'; booleans, infinities and lists are refused (NaN counts as missing).",
+    )
+    lowercase_suffix: bool = _field(
+        False,
+        "Lower-case every target, and the reference texts eval scores against (captions, answers, texts), "
+        "as big_vision's PaliGemma colab does for its long captions. Not for detect (class names).",
+    )
     max_train_samples: int | None = _field(None, "Keep at most this many training records; null = all.")
     max_length: int = _field(
         512, "Max TEXT tokens per example: bos + prefix + '\\n' + suffix + eos (image tokens not counted)."
@@ -160,6 +185,13 @@ class DataConfig:
         "checksummed), with a progress bar: unreadable images are all listed at once (exit 2), or "
         "with skip_bad_records skipped from the first step and counted.",
     )
+    augment: str | None = _field(
+        None,
+        "Training-image augmentation as big_vision's ops joined by '|' (eval images never change): "
+        "'inception_crop(area_min=50)', 'resize_small(256)|random_crop(224)', 'zoomout(max_f=1.5)' (boxes "
+        "in the suffix move with the image; crops are refused for detect/segment). Seeded per seed, "
+        "epoch and record, so a resume sees the same images. null = none. See pg_finetune.image_augment.",
+    )
 
 
 @dataclass
@@ -173,7 +205,12 @@ class TuningConfig:
     train_projector: bool = _field(False, "Also train the multi-modal projector fully (every method; for lora/qlora via modules_to_save).")
     lora_r: int = _field(8, "LoRA rank.")
     lora_alpha: int = _field(16, "LoRA scaling numerator (scale = alpha / r); usually 2 x rank.")
-    lora_dropout: float = _field(0.05, "Dropout on the LoRA input, in [0, 1).")
+    lora_dropout: float = _field(
+        0.0,
+        "Dropout on the LoRA input, in [0, 1). 0 as peft's default: peft draws a mask for every adapted "
+        "layer's input (a slower step) and 0.05 did not help the tiny recipes (bench/RESULTS.md); "
+        "try 0.05-0.1 when a small dataset overfits.",
+    )
     lora_target_modules: str = _field(
         DEFAULT_LORA_TARGET_MODULES,
         "Regex of module names that get adapters (peft full-match). The default keeps them in the "
@@ -217,14 +254,16 @@ class TrainingConfig:
     max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 = no clipping.")
     label_smoothing: float = _field(
         0.0,
-        "Label smoothing on the suffix tokens' cross-entropy, in [0, 1) (big_vision's transfers use "
-        "0.0-0.3).",
+        "big_vision's label smoothing eps on the suffix tokens' cross-entropy, in [0, 1): the target "
+        "puts 1 - eps on the label and eps / (V - 1) on each other token (not torch's eps / V mix). "
+        "big_vision's transfers use 0.0-0.4. Needs label_positions_loss: true.",
     )
     loss_normalization: Literal["token", "example"] = _field(
         "token",
         "'token': mean over every suffix token of the (accumulated, all-process) batch, as transformers "
-        "does. 'example': mean over each example's suffix tokens, then over examples, as big_vision's "
-        "PaliGemma trainer does (short targets weigh as much as long ones).",
+        "does. 'example': mean over each example's suffix tokens, then over all examples of the "
+        "accumulated, all-process batch, as big_vision's PaliGemma trainer does (short targets weigh as "
+        "much as long ones). Needs label_positions_loss: true.",
     )
     seed: int = _field(42, "Seed for model init, data order and dropout.")
     logging_steps: int = _field(10, "Log the training loss every N steps.")
@@ -287,6 +326,12 @@ class EvalConfig:
     early_stopping_patience: int | None = _field(
         None,
         "With metric_for_best: stop after this many evaluations without improvement; null = never.",
+    )
+    loss: bool = _field(
+        True,
+        "Also compute the teacher-forced loss on the eval records' suffixes at every eval_steps and "
+        "before/after: logged as eval/loss, drawn beside the training loss, usable as metric_for_best: loss. "
+        "One forward pass per batch, no decoding (about a third of a generation eval on the default recipe).",
     )
 
 
@@ -580,6 +625,22 @@ def _check_combinations(recipe: Recipe) -> list[str]:
         problems.append("data.train_split: must not be empty; e.g. 'train' or 'train[:2000]'")
     at_least("data.max_length", d.max_length, 8, extra=" (text tokens: bos + prefix + '\\n' + suffix + eos)")
     at_least("data.max_train_samples", d.max_train_samples, 1, optional=True)
+    for key, config in (("data.train_config", d.train_config), ("data.eval_config", d.eval_config)):
+        if config is not None and not config.strip():
+            problems.append(f"{key}: must not be empty; give a configuration name (e.g. 'full') or null")
+    if d.train.startswith("builtin:") and d.train_config is not None:
+        problems.append(
+            f"data.train_config: {d.train!r} has no dataset configurations; set data.train_config: null"
+        )
+    if d.lowercase_suffix and task is not None and task.check_target is not None:
+        problems.append(
+            f"data.lowercase_suffix: true would lower-case the class names in task {t.name!r}'s targets but "
+            "not in its prompts and references; lower-case the data itself, or set data.lowercase_suffix: false"
+        )
+    if d.augment is not None:
+        from pg_finetune.image_augment import augment_problems  # standard library only at import
+
+        problems += augment_problems(d.augment, t.name)
 
     # tuning
     problems += tuning_problems(tu)
@@ -600,6 +661,16 @@ def _check_combinations(recipe: Recipe) -> list[str]:
         problems.append(f"training.weight_decay: must be >= 0, got {tr.weight_decay}")
     if not 0 <= tr.label_smoothing < 1:
         problems.append(f"training.label_smoothing: must be in [0, 1), got {tr.label_smoothing}; e.g. 0.1")
+    if tr.label_smoothing and not tr.label_positions_loss:
+        problems.append(
+            f"training.label_smoothing: {tr.label_smoothing} needs training.label_positions_loss: true "
+            "(transformers' own loss has no big_vision smoothing); set it to true, or label_smoothing: 0"
+        )
+    if tr.loss_normalization == "example" and not tr.label_positions_loss:
+        problems.append(
+            "training.loss_normalization: 'example' needs training.label_positions_loss: true (transformers' "
+            "own loss averages over tokens); set it to true, or loss_normalization: token"
+        )
     if tr.max_grad_norm < 0:
         problems.append(f"training.max_grad_norm: must be >= 0 (0 = no clipping), got {tr.max_grad_norm}")
     if not 0 <= tr.adam_beta2 < 1:
@@ -640,6 +711,34 @@ def _check_combinations(recipe: Recipe) -> list[str]:
     at_least("eval.max_new_tokens", ev.max_new_tokens, 1, optional=True)
     at_least("eval.eval_steps", ev.eval_steps, 1, optional=True)
     at_least("eval.early_stopping_patience", ev.early_stopping_patience, 1, optional=True)
+    for key, value in (("metric_for_best", ev.metric_for_best), ("early_stopping_patience", ev.early_stopping_patience)):
+        if value is None:
+            continue
+        if not ev.eval_steps:
+            problems.append(
+                f"eval.{key}: needs eval.eval_steps (the evaluations it compares); set eval.eval_steps, "
+                f"e.g. 200, or eval.{key}: null"
+            )
+        if d.eval_split is None:
+            problems.append(
+                f"eval.{key}: needs eval records, but data.eval_split is null; set data.eval_split "
+                f"(e.g. 'test') or eval.{key}: null"
+            )
+    if ev.early_stopping_patience is not None and ev.metric_for_best is None:
+        problems.append(
+            "eval.early_stopping_patience: needs eval.metric_for_best (the metric that must improve); "
+            "set it, e.g. 'accuracy' or 'loss', or eval.early_stopping_patience: null"
+        )
+    if ev.metric_for_best is not None:
+        name = ev.metric_for_best
+        if not name.strip():
+            problems.append("eval.metric_for_best: empty; name a key the task's metric reports, e.g. 'accuracy', or null")
+        elif name.startswith("eval/"):
+            problems.append(
+                f"eval.metric_for_best: {name!r}; give the key without 'eval/', e.g. {name.removeprefix('eval/')!r}"
+            )
+        elif name == "loss" and not ev.loss:
+            problems.append("eval.metric_for_best: 'loss' needs eval.loss: true (the held-out loss is off)")
     return problems
 
 

@@ -27,12 +27,16 @@ def _record_options(recipe: Recipe) -> dict[str, Any]:
         skip_bad_records=d.skip_bad_records,
         image_root=d.image_root,
         check_target=get_task(recipe.task.name).check_target,
+        lowercase_suffix=d.lowercase_suffix,
     )
 
 
 def train_dataset(recipe: Recipe) -> RecordDataset:
     d = recipe.data
-    return load_records(d.train, d.train_split, limit=d.max_train_samples, require_suffix=True, **_record_options(recipe))
+    return load_records(
+        d.train, d.train_split, limit=d.max_train_samples, require_suffix=True, config=d.train_config,
+        **_record_options(recipe),
+    )
 
 
 def eval_dataset(recipe: Recipe) -> RecordDataset | None:
@@ -45,11 +49,13 @@ def eval_dataset(recipe: Recipe) -> RecordDataset | None:
         eval_split = None
     if not eval_split:
         return None
+    same_source = d.eval is None or d.eval == d.train
     return load_records(
         d.eval or d.train,
         eval_split,
         limit=recipe.eval.max_samples,
         require_suffix=False,
+        config=d.eval_config if d.eval_config is not None else (d.train_config if same_source else None),
         **_record_options(recipe),
     )
 

@@ -7,8 +7,9 @@ Reads what a training run leaves in its output dir (`recipe.yaml`, `metrics.json
 `predictions_before.jsonl` / `predictions_after.jsonl`, `log_history.json` or the latest
 `checkpoint-N/trainer_state.json`) and writes beside them:
 
-- `curves.png`: training loss and every generation metric the run logged as `eval/...`, against
-  optimiser steps; before / after values are marked at step 0 and the last step;
+- `curves.png`: training loss with the held-out loss (`eval/loss`) beside it, and every generation
+  metric the run logged as `eval/...`, against optimiser steps; before / after values are marked at
+  step 0 and the last step, and the best evaluation (eval.metric_for_best) on its metric's panel;
 - `report.html` (+ `report_files/` with the example images): the recipe summary, the metrics
   table, the curves, and a seeded sample of held-out examples showing the base model's and the
   fine-tuned model's outputs side by side with per-example scores.
@@ -45,7 +46,7 @@ from typing import Any
 from PIL import Image
 
 from pg_finetune.data import RecordDataset
-from pg_finetune.draw import PREDICTED_COLOUR, TRUTH_COLOUR, draw_boxes, resize_for_display
+from pg_finetune.draw import PREDICTED_COLOUR, TRUTH_COLOUR, draw_masks, resize_for_display
 from pg_finetune.jsonl import jsonl_objects
 from pg_finetune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 from pg_finetune.recipe_data import eval_dataset
@@ -61,6 +62,7 @@ FILES_DIR = "report_files"
 THUMBNAIL_SIDE = 256
 MAX_METRIC_PANELS = 8
 MAX_PROBLEMS_SHOWN = 5  # per output: a garbled one can have dozens
+EVAL_LOSS = "eval/loss"  # the held-out loss's key in the log history (trainer.RunEval.loss)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,10 +135,10 @@ def load_run(run_dir: str | Path) -> Run:
 # Curves
 # ----------------------------------------------------------------------------------------------------
 def training_series(log_history: Sequence[dict]) -> dict[str, list[tuple[int, float]]]:
-    """{"loss": [(step, value), ...], "eval/<metric>": [...]} from Trainer logs.
+    """{"loss": [(step, value), ...], "eval/loss": [...], "eval/<metric>": [...]} from Trainer logs.
 
-    No eval loss: the Trainer gets no eval dataset (generation metrics are the eval), so an
-    `eval_loss` entry could only come from elsewhere and is not plotted.
+    `eval/loss` is the held-out teacher-forced loss (trainer.RunEval.loss), the other `eval/...` the
+    generation metrics. A stock `eval_loss` entry could only come from elsewhere and is not plotted.
     """
     series: dict[str, list[tuple[int, float]]] = {}
     for entry in log_history:
@@ -151,14 +153,15 @@ def training_series(log_history: Sequence[dict]) -> dict[str, list[tuple[int, fl
 
 
 def _metric_keys(series: dict, metrics: dict | None) -> list[str]:
-    """Metric names to plot: the after-training ones first (headline first), then any other logged."""
+    """Metric names to plot: the after-training ones first (headline first), then any other logged.
+    The held-out loss is not one: it is drawn on the loss panel."""
     keys = list((metrics or {}).get("after") or {})
     keys += [
         k.removeprefix("eval/")
         for k in series
-        if k.startswith("eval/") and k.removeprefix("eval/") not in keys
+        if k.startswith("eval/") and k != EVAL_LOSS and k.removeprefix("eval/") not in keys
     ]
-    logged = {k.removeprefix("eval/") for k in series if k.startswith("eval/")}
+    logged = {k.removeprefix("eval/") for k in series if k.startswith("eval/") and k != EVAL_LOSS}
     # without step-wise metrics, plot only the headline metric's before -> after
     return keys[:MAX_METRIC_PANELS] if logged else keys[:1]
 
@@ -179,9 +182,20 @@ def plot_curves(run: Run, path: Path) -> Path:
     flat = list(axes.flat)
 
     ax = flat[0]
-    if series.get("loss"):
-        steps, losses = zip(*series["loss"], strict=True)
-        ax.plot(steps, losses, "-", label="train loss")
+    m = run.metrics or {}
+    if series.get("loss") or series.get(EVAL_LOSS):
+        losses: list[float] = []
+        if series.get("loss"):
+            steps, train = zip(*series["loss"], strict=True)
+            ax.plot(steps, train, "-", label="train loss")
+            losses += train
+        # the same loss (suffix tokens) on the eval records, teacher-forced: where it turns up, overfitting begins
+        held_out = [*([(0, m["eval_loss_before"])] if m.get("eval_loss_before") is not None else []),
+                    *series.get(EVAL_LOSS, [])]  # fmt: skip
+        if held_out:
+            steps, values = zip(*held_out, strict=True)
+            ax.plot(steps, values, "o-", color="C3", markersize=3, label="held-out loss")
+            losses += values
         if min(losses) > 0 and max(losses) / min(losses) > 4:  # log scale shows both ends of a long fall
             ax.set_yscale("log")
         ax.legend()
@@ -196,11 +210,17 @@ def plot_curves(run: Run, path: Path) -> Path:
     ax.grid(alpha=0.3)
 
     last_step = (run.metrics or {}).get("steps") or max((s for v in series.values() for s, _ in v), default=0)
+    best = m.get("best") or {}
+    if best.get("metric") == "loss" and best.get("step") is not None:
+        flat[0].plot([best["step"]], [best["value"]], "*", color="C3", markersize=12, label="best (best/)")
+        flat[0].legend()
     for ax, key in zip(flat[1:], metric_keys, strict=False):
         logged = series.get(f"eval/{key}", [])
         if logged:
             steps, values = zip(*logged, strict=True)
             ax.plot(steps, values, "o-", color="C0", markersize=3, label="during training")
+        if best.get("metric") == key and best.get("step") is not None:
+            ax.plot([best["step"]], [best["value"]], "*", color="C3", markersize=12, label="best (best/)")
         for which, step, marker, color in (("before", 0, "s", "C1"), ("after", last_step, "D", "C2")):
             value = ((run.metrics or {}).get(which) or {}).get(key)
             if value is not None:
@@ -364,10 +384,27 @@ def _summary(run: Run) -> str:
         ("final train loss", _number(m.get("train_loss"))),
         ("wall time", f"{m['wall_time_s']:.1f} s" if m.get("wall_time_s") is not None else None),
         ("throughput", f"{throughput:.1f} samples/s" if isinstance(throughput, (int, float)) else None),
+        ("held-out loss", _held_out_loss(m)),
+        ("stopped early", f"at step {m['early_stopped_at']} (eval.early_stopping_patience)" if m.get("early_stopped_at") else None),
+        ("best", _best_line(m.get("best"))),
         ("checkpoint", m.get("final_dir")),
     ]
     recipe_yaml = _e(_yaml(recipe_to_dict(r)))
     return f"{_kv_table(pairs)}<details><summary>resolved recipe</summary><pre>{recipe_yaml}</pre></details>"
+
+
+def _held_out_loss(m: dict) -> str | None:
+    before, after = m.get("eval_loss_before"), m.get("eval_loss_after")
+    if before is None or after is None:
+        return None
+    return f"{_number(before)} before, {_number(after)} after (teacher-forced, eval records' suffix tokens)"
+
+
+def _best_line(best: dict | None) -> str | None:
+    """"best: step N, metric=value" (metrics.json `best`, eval.metric_for_best)."""
+    if not best or best.get("step") is None:
+        return None
+    return f"step {best['step']}, {best['metric']}={_number(best['value'])} ({best.get('dir') or 'best/'})"
 
 
 def _yaml(data: dict) -> str:
@@ -454,19 +491,20 @@ def _example_images(
     """Write example k's images; return (image cell html, {"before" / "after": src of that output's image}).
 
     When the task's score draws boxes: the image with the true boxes, and one per model with its
-    predicted boxes too; otherwise the image alone.
+    predicted boxes too; otherwise the image alone. Segmentation entries carry masks, blended in
+    (`draw.draw_masks`, which draws plain boxes as `draw_boxes` does).
     """
     size = dict(min_side=THUMBNAIL_SIDE, max_side=THUMBNAIL_SIDE, whole=True)
     drawn = {which: s.drawn[0] for which, s in scored.items() if s is not None and 0 in s.drawn}
     if drawn:
         name = f"{k:03d}_truth.png"
-        draw_boxes(image, next(iter(drawn.values())).truth, **size).save(files_dir / name)
+        draw_masks(image, next(iter(drawn.values())).truth, **size).save(files_dir / name)
     else:
         name = f"{k:03d}_image.png"
         resize_for_display(image, **size).save(files_dir / name)
     sources = {}
     for which, boxes in drawn.items():
-        draw_boxes(image, boxes.truth, boxes.predicted, **size).save(files_dir / f"{k:03d}_{which}.png")
+        draw_masks(image, boxes.truth, boxes.predicted, **size).save(files_dir / f"{k:03d}_{which}.png")
         sources[which] = f"{FILES_DIR}/{k:03d}_{which}.png"
     return f'<img class="example" src="{FILES_DIR}/{name}" alt="example {k}">', sources
 

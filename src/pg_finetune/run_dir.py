@@ -11,6 +11,9 @@ and the run's totals across resumes.
   intact checkpoint.
 - `RUN_TOTALS` in every checkpoint and `RUN_STATE` in the directory keep the whole run's loss, time
   and segments, so metrics.json describes the run, not its last segment.
+- With eval.metric_for_best, `best/` (beside final/, same contents plus `BEST_JSON`) holds the weights
+  of the best evaluation, and every checkpoint carries `BEST_SO_FAR`, so a resumed run compares
+  with the best of the steps before it (`read_best_so_far`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ STAGING_PREFIX = "tmp-"
 _COMPLETE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 RUN_TOTALS = "run_totals.json"  # in every checkpoint: the run's totals up to its step
 RUN_STATE = "run_state.json"  # in output_dir: the segments (processes) of the run, their wall time
+BEST_DIR = "best"  # in output_dir, beside final/: the weights of the best evaluation (eval.metric_for_best)
+BEST_JSON = "best.json"  # in best/: its step, the metric, its value, every score at that step
+BEST_SO_FAR = "best_so_far.json"  # in every checkpoint: BEST_JSON's fields up to that step + evals since
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -81,7 +87,7 @@ def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:
 MAY_DIFFER_ON_RESUME = (
     "name", "description", "eval.", "logging.",
     "model.local_files_only", "model.cache_dir",
-    "data.eval", "data.eval_split", "data.skip_bad_records", "data.check_images",
+    "data.eval", "data.eval_split", "data.eval_config", "data.skip_bad_records", "data.check_images",
     "training.output_dir", "training.resume_from_checkpoint", "training.overwrite_output_dir",
     "training.max_steps", "training.num_train_epochs",
     "training.save_steps", "training.save_total_limit", "training.logging_steps",
@@ -161,10 +167,9 @@ def _complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _run_outputs(output_dir: Path) -> list[Path]:
-    """What a run leaves that another run must not mix with: its complete checkpoints and final/."""
+    """What a run leaves that another run must not mix with: its complete checkpoints, final/ and best/."""
     outputs = [folder for _, folder in _complete_checkpoints(output_dir)]
-    if (output_dir / "final").is_dir():
-        outputs.append(output_dir / "final")
+    outputs += [output_dir / name for name in ("final", BEST_DIR) if (output_dir / name).is_dir()]
     return outputs
 
 
@@ -332,6 +337,15 @@ def read_run_totals(checkpoint: str | os.PathLike | None) -> RunTotals:
     steps = int(state["global_step"])
     mean = weighted / previous if previous else 0.0
     return RunTotals(steps, mean * steps, None)
+
+
+def read_best_so_far(checkpoint: str | os.PathLike | None) -> dict | None:
+    """The best evaluation up to `checkpoint` (its BEST_SO_FAR), or None: none recorded (no
+    eval.metric_for_best then, or an older checkpoint) or no checkpoint."""
+    path = Path(checkpoint) / BEST_SO_FAR if checkpoint is not None else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())
 
 
 class RunState:

@@ -2,6 +2,7 @@
 
     loss = suffix_loss(model, batch)                       # == model(**batch).loss, to float rounding
     loss = suffix_loss(model, batch, num_items_in_batch=n) # sum over label tokens / n (Trainer's GA form)
+    loss = suffix_loss(model, batch, label_smoothing=0.1, per_example=True)  # big_vision's loss options
 
 **Logits only where the loss is.** PaliGemma's loss covers the suffix only (the
 collator sets every image/prompt/padding label to -100), yet `model(**batch)`
@@ -125,15 +126,39 @@ class ImageFeatureCache:
         return not any(p.requires_grad for tower in towers for p in tower.parameters())
 
     def __call__(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        host = pixel_values.detach().cpu().contiguous()
-        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in host]
+        host = pixel_values.detach().cpu().contiguous().numpy()
+        keys = [hashlib.blake2b(memoryview(host[i]), digest_size=16).digest() for i in range(len(host))]
 
         @torch.no_grad()
         def compute(rows: list[int]) -> torch.Tensor:
+            # every image new (the first epoch over distinct images): no gather copy of the batch
+            images = pixel_values if len(rows) == len(pixel_values) else pixel_values[rows]
             with self._autocast():
-                return _paligemma(model).model.get_image_features(pixel_values[rows]).pooler_output
+                return _paligemma(model).model.get_image_features(images).pooler_output
 
         return self._cache(keys, compute)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of each row of `logits` (n, V) against `targets` (n,), with big_vision's label smoothing.
+
+    With smoothing eps the target distribution puts 1 - eps on the label and eps / (V - 1) on each of
+    the V - 1 other classes (big_vision `trainers/proj/paligemma/train.py`: `off_value / (V - 1)`), so
+
+        loss = -(1 - eps) * logp[y] - eps / (V - 1) * sum_{j != y} logp[j]
+
+    This is not torch's `F.cross_entropy(label_smoothing=eps)`, which mixes eps uniformly over all V
+    classes (the label then gets 1 - eps + eps / V); torch's with eps * V / (V - 1) is the same target.
+    V is the logit width (PaliGemma's HF checkpoints: 257,216 rows, big_vision's 257,152: the 64 padding
+    rows take eps / (V - 1) each too, 0.03% of eps in all).
+    """
+    targets = targets.to(logits.device)
+    if not label_smoothing:
+        return F.cross_entropy(logits, targets, reduction="none")
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(-1, targets[:, None]).squeeze(-1)
+    others = -logp.sum(-1) - nll  # -sum over the V - 1 classes that are not the label
+    return (1.0 - label_smoothing) * nll + label_smoothing / (logits.shape[-1] - 1) * others
 
 
 def suffix_loss(
@@ -142,12 +167,20 @@ def suffix_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     *,
     image_features: ImageFeatureCache | None = None,
+    label_smoothing: float = 0.0,
+    per_example: bool = False,
 ) -> torch.Tensor:
     """Causal-LM loss of `batch["labels"]`, with the lm_head applied at label positions only.
 
     Equals `model(**batch).loss` (mean over label tokens), or with `num_items_in_batch` the sum
     over label tokens divided by it, as transformers' loss does for gradient accumulation.
     With `image_features`, a frozen vision tower's output comes from that cache.
+
+    `label_smoothing` is big_vision's (see `token_losses`). `per_example=True` is big_vision's
+    normalisation: each example's token losses are averaged over its own label tokens (an example
+    without any counts as 0, `clip(n, 1)`), and those means are averaged over the batch's examples,
+    or summed and divided by `num_items_in_batch`, which must then count examples (all accumulated
+    micro-batches and processes) for the split batch to give the same gradient as the whole one.
     """
     if "labels" not in batch:
         raise KeyError("suffix_loss needs batch['labels'] (a training batch from PaliGemmaCollator with suffixes)")
@@ -161,9 +194,13 @@ def suffix_loss(
     # lm_head and soft-capping; use_cache=False: no KV cache to build in training.
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     logits = logits.reshape(-1, logits.shape[-1]).float()  # transformers upcasts before the loss too
+    losses = token_losses(logits, targets, label_smoothing)  # rows in keep's row-major order
+    if per_example:
+        example = keep.nonzero(as_tuple=True)[0].to(losses.device)
+        sums = losses.new_zeros(labels.shape[0]).index_add(0, example, losses)
+        losses = sums / keep.sum(dim=1).clamp(min=1).to(losses.device)  # one mean per example
     if num_items_in_batch is None:
-        return F.cross_entropy(logits, targets.to(logits.device))
-    loss = F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
+        return losses.mean()
     if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+        num_items_in_batch = num_items_in_batch.to(losses.device)
+    return losses.sum() / num_items_in_batch

@@ -6,8 +6,10 @@
 
 Stages, top to bottom: recipe -> model (+ tuning) -> data + collator -> run directory (resume only
 this recipe's own checkpoints; a finished run is not trained again) -> Trainer -> task metric before
-training -> train -> save (checkpoint, processor, recipe) -> task metric after training ->
-metrics.json (the whole run, over every kill and resume). Overrides are `section.key=value`.
+training -> train (every eval.eval_steps: the task metric, the held-out loss, and with
+eval.metric_for_best best/ and early stopping) -> save (checkpoint, processor, recipe) -> task metric
+after training -> metrics.json (the whole run, over every kill and resume). Overrides are
+`section.key=value`.
 
 torch, transformers and the rest of the training stack are imported only once the recipe is
 valid, so a bad recipe is refused in well under a second. Exit codes: 0 done; 2 bad arguments,
@@ -27,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pg_finetune.imports import import_without_bitsandbytes
 from pg_finetune.recipe import Recipe, RecipeError, load_recipe, redact_recipe, save_recipe
 
 if TYPE_CHECKING:
@@ -143,6 +146,8 @@ def main(
 
     # --------------------------------------------------------------------------- the training stack
     # Imported here, after the recipe is known to be valid: these take seconds to import.
+    if not recipe.tuning.method_spec.quantized:  # Trainer -> peft -> bitsandbytes otherwise (see imports.py)
+        import_without_bitsandbytes("transformers.trainer")
     import transformers
     from transformers import set_seed
 
@@ -154,6 +159,7 @@ def main(
     from pg_finetune.recipe_data import load_eval_records, train_dataset
     from pg_finetune.report import write_report
     from pg_finetune.run_dir import (
+        BEST_DIR,
         STAGING_PREFIX,
         RunDirError,
         RunState,
@@ -202,11 +208,25 @@ def main(
     augment_callbacks: list[TrainerCallback] = []
     if task.augment is not None:  # e.g. detection: a new object order every epoch, negative classes
         train_data, augment_callbacks = task.augment(train_data, recipe.task, recipe.training.seed)
+    if d.augment is not None:  # data.augment: training images only, eval records are never augmented
+        from pg_finetune.image_augment import ImageAugment, parse_augment
+        from pg_finetune.tasks.detect.augment import EpochCallback
+
+        train_data = ImageAugment(train_data, parse_augment(d.augment)[0], seed=recipe.training.seed)
+        # a new draw each epoch, the same after a resume; set_epoch reaches a wrapped DetectionAugment too
+        augment_callbacks = [EpochCallback(train_data)]
     collator = PaliGemmaCollator(processor, max_length=d.max_length, padding_side=d.padding_side, truncation=d.truncation)
+    # The held-out loss: the training layout and max_length on the eval records; prompts are cut rather
+    # than the run stopped mid-training by an over-long eval record (training's truncation: error).
+    loss_collator = PaliGemmaCollator(processor, max_length=d.max_length, padding_side=d.padding_side) if recipe.eval.loss else None
     try:
-        run_eval = RunEval(recipe, processor, task, eval_records, output_dir, is_main)
+        run_eval = RunEval(recipe, processor, task, eval_records, output_dir, is_main, loss_collator=loss_collator)
+        best_problem = _metric_for_best_problem(recipe, run_eval) if recipe.eval.metric_for_best else None
     except ValueError as err:  # the eval records hold nothing the task's metric can score
         print(f"error: eval: {err}", file=sys.stderr)
+        return 2
+    if best_problem:
+        print(f"error: {best_problem}", file=sys.stderr)
         return 2
 
     # ------------------------------------------------------------------------- run directory + resume
@@ -222,9 +242,13 @@ def main(
     resumed_step = checkpoint_step(resume) if resume else 0
     run_state = RunState(output_dir, started, first_step=resumed_step, fresh=resume is None, is_main=is_main)
     trainer_callbacks: list[TrainerCallback] = [RunStateCallback(run_state)]
+    best = _best_so_far(recipe, run_eval, resume) if recipe.eval.metric_for_best else None
+    if resume is None and is_main and (output_dir / BEST_DIR).is_dir():  # an earlier run's of this recipe
+        logger.info("starting from scratch: removing %s, the best of an earlier run", output_dir / BEST_DIR)
+        shutil.rmtree(output_dir / BEST_DIR)
     gen_eval = None
     if recipe.eval.eval_steps and eval_records:
-        gen_eval = GenerationEvalCallback(run_eval, recipe.eval.eval_steps)
+        gen_eval = GenerationEvalCallback(run_eval, recipe.eval.eval_steps, best=best)
         trainer_callbacks.append(gen_eval)
     trainer_callbacks += augment_callbacks
     trainer_callbacks += callbacks
@@ -241,13 +265,19 @@ def main(
     )
     if gen_eval:
         gen_eval.trainer = trainer
+    trainer.best = best  # saved in every checkpoint: a resume keeps the best so far
     # A checkpoint at max_steps is a finished run (transformers would train one step past it): nothing
     # to do when final/ holds its result; when a kill cut the final save short, write final/ from it.
     finish_only = False
-    if resume is not None and resumed_step >= (planned := trainer.planned_max_steps()):
+    early_stopped = best is not None and resume is not None and best.should_stop  # stopped at that checkpoint
+    if resume is not None and (resumed_step >= (planned := trainer.planned_max_steps()) or early_stopped):
+        further = "raise training.max_steps to train further"
+        if early_stopped:  # the run ended there: nothing to train, final/ is that step's weights
+            planned = resumed_step
+            further = "stopped early: raise eval.early_stopping_patience or set it null to train further"
         if final_is_current(output_dir, recipe):
             print(f"{output_dir}: this run is complete ({Path(resume).name}, max {planned} steps) and final/ "
-                  "holds its result; nothing to do (raise training.max_steps to train further)")
+                  f"holds its result; nothing to do ({further})")
             return 0
         if resumed_step > planned:
             print(f"error: {resume} is at step {resumed_step}, past this recipe's {planned} steps; give "
@@ -258,17 +288,19 @@ def main(
         logger.info("%s is at the last step (%d): writing final/ from it without training", resume, planned)
 
     # --------------------------------------------------------------------------------- metric before
+    before_and_after = bool(eval_records) and recipe.eval.before_and_after
     if finish_only:  # scored by the segment that trained, before its first step
-        before = run_state.data.get("before")
+        before, loss_before = run_state.data.get("before"), run_state.data.get("eval_loss_before")
     else:
-        before = run_eval(model, "before training", save_as="before") if eval_records and recipe.eval.before_and_after else None
+        before = run_eval(model, "before training", save_as="before") if before_and_after else None
+        loss_before = run_eval.loss(model, "before training", trainer.accelerator.autocast) if before_and_after else None
 
     # ------------------------------------------------------------------------------------------ train
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, output_dir)
         remove_partial_checkpoints(output_dir)  # a save cut short by a crash; never resumed from
-        run_state.update(resumed_step, before=before)
+        run_state.update(resumed_step, before=before, eval_loss_before=loss_before)
     if finish_only:
         trainer.load_checkpoint_weights(resume)
     else:
@@ -326,7 +358,8 @@ def main(
             logger.info("merged LoRA weights into %s", merged_dir)
 
     # --------------------------------------------------------------------------------- metric after
-    after = run_eval(trainer.model, "after training", save_as="after") if eval_records and recipe.eval.before_and_after else None
+    after = run_eval(trainer.model, "after training", save_as="after") if before_and_after else None
+    loss_after = run_eval.loss(trainer.model, "after training", trainer.accelerator.autocast) if before_and_after else None
     if is_main:
         card = dict(
             trainable=describe_parameters(trainer.model),
@@ -356,8 +389,15 @@ def main(
         "parameters": describe_parameters(trainer.model),
         "before": before,
         "after": after,
+        "eval_loss_before": loss_before,
+        "eval_loss_after": loss_after,
+        "best": best.record() if best is not None and best.step is not None else None,
+        "early_stopped_at": totals.steps if early_stopped or (gen_eval and gen_eval.stopped_at) else None,
         "final_dir": str(final_dir),
     }
+    if summary["best"]:
+        summary["best"]["dir"] = str(output_dir / BEST_DIR)
+        logger.info("best evaluation: %s (%s)", best.describe(), output_dir / BEST_DIR)
     if runtime is None:
         logger.warning("%s has no run_totals.json (an older checkpoint): training time and throughput unknown", resume)
     if is_main:
@@ -369,6 +409,37 @@ def main(
             except Exception as err:  # a finished training must not fail on its report
                 logger.warning("report not written (python -m pg_finetune.report %s retries): %s", output_dir, err)
     return 0
+
+
+def _metric_for_best_problem(recipe: Recipe, run_eval) -> str | None:
+    """Why eval.metric_for_best cannot be compared (not a key this task's metric reports on these eval
+    records), or None. The keys are found by scoring the records' own targets: no model runs."""
+    if not run_eval.records:
+        return "eval.metric_for_best: no eval records to compare (every one was dropped as bad); check data.eval"
+    keys = run_eval.metric_keys()
+    if recipe.eval.metric_for_best in keys:
+        return None
+    return (f"eval.metric_for_best: {recipe.eval.metric_for_best!r} is not a key that metric "
+            f"{run_eval.metric.name!r} of task {recipe.task.name!r} reports; valid: {', '.join(keys)}")  # fmt: skip
+
+
+def _best_so_far(recipe: Recipe, run_eval, resume: str | None):
+    """The best evaluation so far: the resumed checkpoint's (read_best_so_far) when it compared the same
+    metric, else none yet."""
+    from pg_finetune.run_dir import read_best_so_far
+    from pg_finetune.trainer import BestSoFar
+
+    ev = recipe.eval
+    saved = read_best_so_far(resume)
+    if saved is not None and saved.get("metric") == ev.metric_for_best:
+        best = BestSoFar.from_json(saved, ev.early_stopping_patience)
+        logger.info("resumed best so far: %s, %d evaluation(s) since", best.describe(), best.evals_since_best)
+        return best
+    if saved is not None:
+        logger.warning("%s compared %s, this run compares %s: the best starts over", resume, saved.get("metric"),
+                       ev.metric_for_best)  # fmt: skip
+    lower = run_eval.lower_is_better(ev.metric_for_best)
+    return BestSoFar(ev.metric_for_best, lower_is_better=lower, patience=ev.early_stopping_patience)
 
 
 def _check_images(records, recipe: Recipe, is_main: bool) -> set[int]:
@@ -414,6 +485,13 @@ def _summary_table(task: str, before: dict | None, after: dict | None, summary: 
         lines.append(f"{'metric':<24}{'before':>10}{'after':>10}")
         for key in after:
             lines.append(f"{task + '/' + key:<24}{before.get(key, float('nan')):>10.4f}{after[key]:>10.4f}")
+    if summary.get("eval_loss_before") is not None and summary.get("eval_loss_after") is not None:
+        lines.append(f"{'held-out loss':<24}{summary['eval_loss_before']:>10.4f}{summary['eval_loss_after']:>10.4f}")
+    if summary.get("early_stopped_at"):
+        lines.append(f"stopped early at step {summary['early_stopped_at']} (eval.early_stopping_patience)")
+    if summary.get("best"):
+        best = summary["best"]
+        lines.append(f"best: step {best['step']}, {best['metric']}={best['value']:.4f} ({best['dir']})")
     lines.append(f"checkpoint: {summary['final_dir']}")
     return "\n".join(lines)
 

@@ -31,7 +31,9 @@ the stock Trainer (transformers 5.23) does not guarantee:
    `_load_from_checkpoint` here maps the keys back and fails loudly on anything still missing.
 
 4. **The loss is computed where the labels are** (`compute_loss` -> `pg_finetune.speed.suffix_loss`):
-   logits only at suffix positions, and a frozen vision tower's image features cached.
+   logits only at suffix positions, and a frozen vision tower's image features cached; with
+   big_vision's label smoothing and per-example normalisation when the recipe asks (the example
+   count of the accumulated, all-process batch replaces the token count: `_get_num_items_in_batch`).
 5. **A run's totals survive a resume.** Every checkpoint carries `run_totals.json` (sum of the
    per-step losses and training seconds up to that step, over every segment that led to it), so
    `trainer.run_totals` after `train()` describes the whole run, not the last segment; and
@@ -40,18 +42,24 @@ the stock Trainer (transformers 5.23) does not guarantee:
 The run directory's rules (whose checkpoints, intact or not, totals across resumes) are
 `pg_finetune.run_dir`; bad training records at any batch size are `pg_finetune.data.bad_records`.
 
-Also here, for the training entry: `RunEval` (the task metric on generated outputs, before and after
-training) and `GenerationEvalCallback` (the same every `eval.eval_steps` steps).
+Also here, for the training entry: `RunEval` (the task metric on generated outputs, and the
+teacher-forced loss on the eval records' suffixes, before and after training), `GenerationEvalCallback`
+(the same every `eval.eval_steps` steps) and `BestSoFar` (which evaluation scored best on
+`eval.metric_for_best`: best/ beside final/, early stopping; saved in every checkpoint so that a
+resume keeps it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +74,8 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from pg_finetune.generate import GenerationSettings, evaluate_task, scoreable
 from pg_finetune.recipe import Recipe, save_recipe
 from pg_finetune.run_dir import (
+    BEST_JSON,
+    BEST_SO_FAR,
     RUN_TOTALS,
     STAGING_PREFIX,
     RunTotals,
@@ -74,7 +84,8 @@ from pg_finetune.run_dir import (
     remove_partial_checkpoints,
     write_json,
 )
-from pg_finetune.speed import ImageFeatureCache, suffix_loss
+from pg_finetune.speed import ImageFeatureCache, label_positions, suffix_loss
+from pg_finetune.tasks.base import ScoreOptions
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +133,32 @@ class PaliGemmaTrainer(Trainer):
         recipe: Recipe | None = None,
         label_positions_loss: bool = True,
         cache_image_features: bool = True,
+        label_smoothing: float | None = None,
+        loss_normalization: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self._staging_run_dir: str | None = None
         self.label_positions_loss = label_positions_loss
+        # big_vision's loss options (speed.suffix_loss); None = the recipe's training section, else off
+        training = recipe.training if recipe is not None else None
+        if label_smoothing is None:
+            label_smoothing = training.label_smoothing if training is not None else 0.0
+        if loss_normalization is None:
+            loss_normalization = training.loss_normalization if training is not None else "token"
+        if loss_normalization not in ("token", "example"):
+            raise ValueError(f"loss_normalization must be 'token' or 'example', got {loss_normalization!r}")
+        stock_loss = not label_positions_loss or self.label_smoother is not None or self.compute_loss_func is not None
+        if (label_smoothing or loss_normalization == "example") and stock_loss:
+            raise ValueError(
+                "label_smoothing and loss_normalization='example' are computed by the label-positions loss; "
+                "set training.label_positions_loss: true (and no label_smoothing_factor / compute_loss_func)"
+            )
+        self.label_smoothing, self.loss_normalization = float(label_smoothing), loss_normalization
+        if loss_normalization == "example":
+            # compute_loss divides by the accumulated batch's example count (`_get_num_items_in_batch`)
+            self.loss_is_scaled_for_ga = True
         # The cache calls the vision tower outside the wrapped model's forward: under FSDP or ZeRO-3 the
         # parameters are only gathered inside it, so there the features are computed the normal way.
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
@@ -192,8 +223,11 @@ class PaliGemmaTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Only the suffix carries labels (a few tokens of ~280): computing logits over all positions
         # spends most of the lm_head's work (257k vocabulary) on numbers the loss never reads.
-        # `suffix_loss` equals the model's own loss (tests/test_speed.py); anything it does not
-        # cover (outputs wanted, label smoothing, a custom loss) goes through the stock path.
+        # `suffix_loss` equals the model's own loss (tests/test_speed.py) and adds big_vision's label
+        # smoothing and per-example normalisation (tests/test_loss_options.py); anything it does not
+        # cover (outputs wanted, transformers' label_smoothing_factor, a custom loss) goes through the
+        # stock path, which knows neither option (so it gets no example count either).
+        per_example = self.loss_normalization == "example"
         if (
             not self.label_positions_loss
             or return_outputs
@@ -201,14 +235,36 @@ class PaliGemmaTrainer(Trainer):
             or self.label_smoother is not None
             or self.compute_loss_func is not None
         ):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        n_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
-        loss = suffix_loss(model, inputs, n_items, image_features=self.image_features)
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and n_items is not None:
-            # as Trainer.compute_loss: the loss is a sum over this rank's tokens / all ranks' tokens
+            n_items = None if per_example else num_items_in_batch
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=n_items)
+        # token: label tokens of the accumulated batch (all ranks); example: its examples (counted below)
+        n_items = num_items_in_batch if (self.model_accepts_loss_kwargs or per_example) else None
+        loss = suffix_loss(
+            model, inputs, n_items, image_features=self.image_features,
+            label_smoothing=self.label_smoothing, per_example=per_example,
+        )
+        if self.args.average_tokens_across_devices and n_items is not None:
+            # as Trainer.compute_loss: the loss is a sum over this rank's items / all ranks' items
             scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        """The stock label-token count; for loss_normalization 'example' the examples (rows) instead.
+
+        big_vision averages per-example losses over the global batch, examples without label tokens
+        included (as 0). Counting every row of the accumulated micro-batches, summed over processes
+        as transformers sums tokens, makes batch 2 x accumulation 4 (or 2 processes x 4) the same
+        update as one batch of 8.
+        """
+        if self.loss_normalization != "example" or not batch_samples or "labels" not in batch_samples[0]:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        count = torch.tensor(sum(int(batch["labels"].shape[0]) for batch in batch_samples), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        elif self.args.n_gpu > 1:  # DataParallel, as transformers does for tokens
+            count = count // self.args.n_gpu
+        return count
 
     # ------------------------------------------------------------------------------------ NaN guard
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -288,6 +344,8 @@ class PaliGemmaTrainer(Trainer):
             save_recipe(self.recipe, written)
         if self.args.should_save and hasattr(self, "_earlier"):
             write_json(Path(written) / RUN_TOTALS, asdict(self._run_totals_now()))
+        if self.args.should_save and getattr(self, "best", None) is not None:  # a resume keeps the best so far
+            write_json(Path(written) / BEST_SO_FAR, self.best.to_json())
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_K.pth, shards) are in
         if self.args.should_save:
             self._publish(written, final)
@@ -303,6 +361,29 @@ class PaliGemmaTrainer(Trainer):
             os.replace(final, old)
         os.replace(written, final)
 
+    def save_best(self, best: BestSoFar) -> Path:
+        """Write `output_dir/best/`: what final/ holds (weights or adapter, processor, recipe.yaml) plus
+        best.json, at the current weights. Like final/ and the checkpoints it is written under
+        `tmp-best/best` and renamed into place, so no reader ever sees half of it. Call on every rank."""
+        run_dir = Path(super()._get_output_dir(None))
+        staging, final = run_dir / f"{STAGING_PREFIX}best", run_dir / "best"
+        written = staging / "best"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.save_model(str(written))  # on every rank: FSDP / ZeRO-3 gather the weights collectively
+        if self.args.should_save:
+            (written / "training_args.bin").unlink(missing_ok=True)  # a pickle: see final/ in pg_finetune.train
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(written)
+            if self.recipe is not None:
+                save_recipe(self.recipe, written)
+            write_json(written / BEST_JSON, best.record())
+            self._publish(str(written), str(final))
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
 
 def _safetensors_files(folder: Path) -> list[Path]:
     """The checkpoint's safetensors weight files (one file, or the shards its index names)."""
@@ -317,15 +398,23 @@ def _safetensors_files(folder: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------
 # Generation metrics: the task metric before and after training, and every eval.eval_steps
 # ----------------------------------------------------------------------------------------------------
-class RunEval:
-    """Generation metric of the task on a fixed eval subset (the same records before and after)."""
+EVAL_LOSS_KEY = "loss"  # eval.metric_for_best may name the held-out loss too (logged as eval/loss)
 
-    def __init__(self, recipe: Recipe, processor, task, records: list[dict], out_dir: Path, is_main: bool):
+
+class RunEval:
+    """Generation metric of the task on a fixed eval subset (the same records before and after), and
+    with `loss_collator` the teacher-forced loss on those records' suffixes (`loss`)."""
+
+    def __init__(
+        self, recipe: Recipe, processor, task, records: list[dict], out_dir: Path, is_main: bool,
+        loss_collator: Callable[[list], dict] | None = None,
+    ):  # fmt: skip
         self.recipe, self.processor, self.task, self.records = recipe, processor, task, records
         self.metric = task.get_metric(recipe.task.metric)  # the task's own unless the recipe names another
         if records:
             scoreable(self.metric, records)  # ValueError now, not mid-training, when none can be scored
         self.out_dir, self.is_main = out_dir, is_main
+        self.loss_collator = loss_collator
         self.settings = GenerationSettings(
             max_new_tokens=recipe.eval.max_new_tokens or task.max_new_tokens,
             num_beams=recipe.eval.num_beams,
@@ -347,22 +436,158 @@ class RunEval:
                         f.write(json.dumps(row) + "\n")
         return scores
 
+    def metric_keys(self) -> list[str]:
+        """The keys `__call__` reports on these records (some depend on the data, e.g. count's
+        `accuracy/<n>`), found by scoring the records' own targets: no model needed. Plus `loss`
+        when the held-out loss is computed."""
+        kept, references = scoreable(self.metric, self.records)
+        targets = [self.task.parse(r.get("suffix") or "") for r in kept]
+        keys = list(self.metric.score(targets, references, ScoreOptions()).metrics)
+        return keys + ([EVAL_LOSS_KEY] if self.loss_collator is not None else [])
+
+    def lower_is_better(self, key: str) -> bool:
+        return key == EVAL_LOSS_KEY or key in self.metric.lower_is_better
+
+    @torch.no_grad()
+    def loss(
+        self, model, label: str = "", autocast: Callable[[], AbstractContextManager] | None = None
+    ) -> float | None:
+        """Teacher-forced loss on the eval records: the mean over every suffix (+ eos) token of the
+        eval records of -log p(token | image, prefix, earlier suffix tokens), in eval mode (no dropout),
+        batched by eval.batch_size through the training collator's layout and `suffix_loss`: the
+        training loss's definition on held-out records, as plain cross-entropy (no label smoothing, a
+        token mean whatever training.loss_normalization). None without a loss collator or any suffix."""
+        records = [r for r in self.records if isinstance(r.get("suffix"), str)]
+        if self.loss_collator is None or not records:
+            return None
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        total, tokens = 0.0, 0
+        try:
+            with autocast() if autocast is not None else nullcontext():
+                for start in range(0, len(records), self.settings.batch_size):
+                    batch = self.loss_collator(records[start : start + self.settings.batch_size])
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    n = label_positions(batch["labels"])[1].numel()
+                    total += float(suffix_loss(model, batch, num_items_in_batch=1))  # summed over the tokens
+                    tokens += n
+        finally:
+            model.train(was_training)
+        value = total / max(tokens, 1)
+        if self.is_main:
+            logger.info("held-out loss on %d records, %d suffix tokens (%s): %.4f", len(records), tokens, label, value)
+        return value
+
 
 def _fmt(scores: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
 
 
-class GenerationEvalCallback(TrainerCallback):
-    """Every `eval.eval_steps` steps, score generations on the capped eval subset and log them."""
+@dataclass
+class BestSoFar:
+    """The evaluation that scored best on `metric` so far, and how many evaluations since it.
 
-    def __init__(self, run: RunEval, every: int):
-        self.run, self.every = run, every
+    An evaluation is better only when strictly better (a tie keeps the earlier step, as transformers'
+    `metric_for_best_model` does) and finite (a NaN never wins). `should_stop`: `patience` evaluations
+    in a row without improvement (eval.early_stopping_patience; None = never). Saved in every checkpoint
+    (`to_json` / `from_json`, run_dir.BEST_SO_FAR) so that a resumed run compares with the same best.
+    """
+
+    metric: str
+    lower_is_better: bool = False
+    patience: int | None = None
+    step: int | None = None
+    value: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    evals_since_best: int = 0
+
+    def is_better(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.value is None:
+            return True
+        return value < self.value if self.lower_is_better else value > self.value
+
+    def update(self, step: int, scores: dict[str, float]) -> bool:
+        """Count the evaluation at `step`; True when it is the new best."""
+        value = float(scores.get(self.metric, math.nan))
+        if self.is_better(value):
+            self.step, self.value, self.scores, self.evals_since_best = step, value, dict(scores), 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.evals_since_best >= self.patience
+
+    def record(self) -> dict[str, Any]:
+        """best.json: which step won, on what, and every score at that step."""
+        direction = "lower" if self.lower_is_better else "higher"
+        return {"step": self.step, "metric": self.metric, "value": self.value, "better": direction,
+                "scores": self.scores}  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.record(), "evals_since_best": self.evals_since_best}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], patience: int | None) -> BestSoFar:
+        return cls(
+            metric=data["metric"], lower_is_better=data["better"] == "lower", patience=patience,
+            step=data["step"], value=data["value"], scores=dict(data.get("scores") or {}),
+            evals_since_best=int(data.get("evals_since_best", 0)),
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        return f"step {self.step}, {self.metric}={self.value:.4f}" if self.step is not None else "none yet"
+
+
+class GenerationEvalCallback(TrainerCallback):
+    """Every `eval.eval_steps` steps, score generations on the capped eval subset and log them
+    (`eval/<key>`), with the held-out loss (`eval/loss`) when `run` computes it. With `best`, keep
+    best/ at the best evaluation's weights and stop training after `best.patience` evaluations
+    without improvement.
+
+    Runs in `on_step_end`, before the Trainer's save of the same step: checkpoint-N holds the best so
+    far including step N's evaluation, and an early stop's last step is saved too."""
+
+    def __init__(self, run: RunEval, every: int, best: BestSoFar | None = None):
+        self.run, self.every, self.best = run, every, best
         self.trainer: Trainer | None = None
+        self.stopped_at: int | None = None  # the step early stopping ended training at
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.trainer is not None and state.global_step % self.every == 0:
-            scores = self.run(self.trainer.model, label=f"step {state.global_step}")
-            self.trainer.log({f"eval/{k}": v for k, v in scores.items()})
+        if self.trainer is None or state.global_step % self.every != 0:
+            return
+        step = state.global_step
+        scores = self.run(self.trainer.model, label=f"step {step}")
+        autocast = self.trainer.accelerator.autocast
+        held_out = self.run.loss(self.trainer.model, label=f"step {step}", autocast=autocast)
+        if held_out is not None:
+            scores = {**scores, EVAL_LOSS_KEY: held_out}
+        should_log = control.should_log  # Trainer.log clears it: this step's training loss would go unlogged
+        self.trainer.log({f"eval/{k}": v for k, v in scores.items()})
+        control.should_log = should_log
+        if self.best is None:
+            return
+        best = self.best
+        value = scores.get(best.metric, math.nan)
+        if best.update(step, scores):
+            logger.info("best so far: %s=%.4f at step %d; writing best/", best.metric, value, step)
+            self.trainer.save_best(best)
+        else:
+            logger.info("%s=%.4f at step %d: no improvement on the best (%s), %d evaluation(s) in a row",
+                        best.metric, value, step, best.describe(), best.evals_since_best)  # fmt: skip
+        if best.should_stop:
+            logger.warning(
+                "early stopping at step %d: %d evaluations without improvement on %s (eval.early_stopping_patience); "
+                "best: %s (best/); final/ holds the weights of step %d",
+                step, best.evals_since_best, best.metric, best.describe(), step,
+            )  # fmt: skip
+            self.stopped_at = step
+            control.should_training_stop = True
+            control.should_save = True  # the checkpoint records the stop: a re-run does not train on
 
 
-__all__ = ["GenerationEvalCallback", "NonFiniteLossError", "PaliGemmaTrainer", "RunEval"]
+__all__ = ["BestSoFar", "GenerationEvalCallback", "NonFiniteLossError", "PaliGemmaTrainer", "RunEval"]

@@ -175,9 +175,13 @@ def _apply_lora(model, cfg, gradient_checkpointing: bool):
 
 
 def _wrap_in_lora(model, lora_config, gradient_checkpointing: bool):
-    from peft import get_peft_model
+    from pg_finetune.imports import bitsandbytes_hidden
 
-    peft_model = get_peft_model(model, lora_config)
+    # peft imports bitsandbytes (seconds) to look for 4/8-bit layers; a full-precision base has none
+    with bitsandbytes_hidden(not getattr(model, "is_loaded_in_4bit", False)):
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(model, lora_config)
     if gradient_checkpointing:
         # PeftModel.__init__ calls enable_input_require_grads() again, hooking SigLIP too.
         _keep_input_grads_in_decoder(model)
@@ -185,22 +189,35 @@ def _wrap_in_lora(model, lora_config, gradient_checkpointing: bool):
 
 
 def _apply_qlora(model, cfg, gradient_checkpointing: bool):
-    from peft import prepare_model_for_kbit_training
-
     if not getattr(model, "is_loaded_in_4bit", False):  # a property of the model given, not of the recipe
         raise ValueError(
             "tuning.method: qlora expects a base loaded in 4 bit: pass quantization_config(cfg) "
             "to from_pretrained (or use method lora for a full-precision base)"
         )
     lora_config = _lora_config(cfg)
-    # Freezes everything and upcasts fp16/bf16 non-4-bit weights (vision tower, embeddings,
-    # norms) to fp32, as peft recommends for k-bit training.
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    prepare_for_kbit_training(model)
+    if gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
     return _wrap_in_lora(model, lora_config, gradient_checkpointing)
+
+
+def prepare_for_kbit_training(model) -> None:
+    """Freeze every weight; upcast the float16 ones that are not 4-bit to fp32, keep bfloat16 as it is.
+
+    peft's `prepare_model_for_kbit_training` upcasts bf16 weights too: at 3B that is the vision
+    tower and the 257k x 2048 embeddings, ~0.93 B weights, +1.9 GB for frozen weights that gain
+    nothing from fp32 (bf16 has fp32's range; Gemma's RMSNorm computes in fp32 anyway, and the LoRA
+    adapters are fp32 through peft's autocast_adapter_dtype). A bf16 base then trains as the
+    `lora` method's bf16 base does. float16 is still upcast, as peft does: fp16 weights that
+    `train_vision_tower` / `train_projector` make trainable (modules_to_save) cannot be
+    unscaled by the fp16 GradScaler.
+    """
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if param.dtype == torch.float16 and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.to(torch.float32)
 
 
 # ---------------------------------------------------------------------------

@@ -30,8 +30,12 @@ module each (registry.py lists them in the order they are tried):
 - a `datasets` `save_to_disk` directory (saved.py);
 - an image folder (imagefolder.py): `metadata.jsonl` (or `{split}/metadata.jsonl`) with
   `file_name` + columns;
-- any directory `datasets.load_dataset` can read (parquet, csv, ...); anything else is a hub
-  dataset id for `datasets.load_dataset` (hub.py).
+- a dataset repository as `hf download` leaves it (README.md with a `configs:` block), any
+  directory `datasets.load_dataset` can read (parquet, csv, ...); anything else is a hub dataset id
+  for `datasets.load_dataset` (hub.py). These take a configuration name (`config=`,
+  data.train_config); every other source refuses one.
+
+A suffix that is a number becomes text (3 -> "3", 3.0 -> "3"; records.suffix_text has the rule).
 
 Splits may carry a slice, the same for every source (splits.py): `train[:100]`, `train[10:20]`,
 `train[:10%]`, `train[90%:]` (percent bounds round as `datasets` does).

@@ -28,8 +28,9 @@ class SubstituteBadRecords(Dataset):
     that batch (and at batch size 1 leaves nothing to train on); here the Trainer always gets a full
     batch, so the step count and the number of records per step stay what the recipe says. The
     price: the substitute is seen twice that epoch. The choice depends only on the index, so the
-    order is the same after a resume. `known_bad` (from `check_image_headers`) are never decoded.
-    Records found bad while training are counted in the wrapped dataset's `skipped`, per process.
+    order is the same after a resume. `known_bad` (from `check_image_headers`) are never decoded, nor
+    are records another DataLoader worker already found bad (`RecordDataset.known_bad`). Records found
+    bad while training are counted once in the wrapped dataset's `skipped`, whichever worker found them.
     """
 
     def __init__(self, dataset: Any, known_bad: set[int] | frozenset[int] = frozenset()):
@@ -41,8 +42,9 @@ class SubstituteBadRecords(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.dataset)
+        found_bad_elsewhere = getattr(self.dataset, "known_bad", None)
         for i in ((index + k) % n for k in range(n)):
-            if i in self.bad:
+            if i in self.bad or (found_bad_elsewhere is not None and found_bad_elsewhere(i)):
                 continue
             record = self.dataset[i]
             if record is not None:

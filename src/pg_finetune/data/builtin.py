@@ -3,8 +3,9 @@
     load_records("builtin:easyvqa", "train")           # 38,575 questions about 4,000 images ("answer en ...")
     load_records("builtin:easyvqa-caption", "test")    # one templated caption per image ("a blue circle")
     load_records("builtin:easyvqa-detect", "train")    # one box per image, found from the shape's pixels
+    load_records("builtin:easyvqa-segment", "train")   # one mask per image ("segment circle" -> loc + seg)
 
-All three come from the `easy-vqa` package (64x64 images of one coloured shape; splits `train`,
+All four come from the `easy-vqa` package (64x64 images of one coloured shape; splits `train`,
 `test`); the caption and the detect label are what the image's own QA pairs say about it. Add a
 built-in with one entry in `BUILTINS`: a function from a split name to its records (canonical rows,
 as `Source.rows` yields them).
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from pg_finetune.data.source import Request, Source, SourceKind
 
@@ -173,11 +174,27 @@ def _easyvqa_detect_rows(split: str) -> list[dict]:
     return rows
 
 
+def _easyvqa_segment_rows(split: str) -> Sequence[dict]:
+    """One mask per image (the shape's pixels), prefix `segment circle`, suffix 4 loc + 16 seg tokens.
+
+    The seg tokens are codes of the default mask codec (`tasks/segment/scoring.default_codec_path`:
+    $PG_FINETUNE_MASK_CODEC, vae-oid.npz in the cache dir, else the tiny offline codec, trained
+    there on first use); each record names its codec so scoring decodes with the same one. Rows
+    are encoded when first read (a sequence, not a list).
+    """
+    from pg_finetune.tasks.segment.easyvqa import easyvqa_segment_rows
+
+    if split not in ("train", "test"):
+        raise ValueError(f"builtin:easyvqa-segment has no split {split!r}; splits: train, test")
+    return easyvqa_segment_rows(split, where=f"builtin:easyvqa-segment {split}")
+
+
 # Built-in sources: `builtin:<name>` -> (split -> rows). Rows are already canonical.
-BUILTINS: dict[str, Callable[[str], list[dict]]] = {
+BUILTINS: dict[str, Callable[[str], Sequence[dict]]] = {
     "easyvqa": _easyvqa_rows,
     "easyvqa-caption": _easyvqa_caption_rows,
     "easyvqa-detect": _easyvqa_detect_rows,
+    "easyvqa-segment": _easyvqa_segment_rows,
 }
 
 

@@ -3,20 +3,27 @@
     ds = load_records("data/train.jsonl", "train[:10%]", default_prefix="caption en")
     ds[0]               # decodes this record's image now; None if it is bad and skip_bad_records is on
     ds.rows_meta(0)     # the same record without decoding the image
-    ds.skipped          # Counter of reasons for records dropped or skipped
+    ds.skipped          # Counter of reasons for records dropped or skipped (DataLoader workers included)
 
 Text fields are checked when the source is loaded (cheap: no image is decoded), and a path that
 does not exist is caught then too; images are decoded one by one in `__getitem__`.
+
+A suffix that is a number becomes text (`suffix_text`): hub tables often keep a class or a count
+as one (count-intersections' `label` is an int).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -31,6 +38,21 @@ logger = logging.getLogger(__name__)
 # A task's `check_target` (pg_finetune.tasks.base.Task): suffix -> None if well-formed, else the problem.
 TargetCheck = Callable[[str], str | None]
 
+# Fields the text tasks read their references from (tasks/caption.py, vqa.py, ocr.py: `text_references`);
+# data.lowercase_suffix lower-cases them with the suffix, so eval compares like with like.
+REFERENCE_TEXT_FIELDS = ("captions", "answers", "texts")
+
+# Why an image failed to decode (BadRecordError.reason from pg_finetune.images.open_image), as a one-byte
+# code in the shared `RecordDataset` marks; a reason not listed counts as the last one.
+DECODE_REASONS = (
+    "image cannot be decoded",
+    "image file not found",
+    "missing image",
+    "unsupported image type",
+    "image too large",
+    "image cannot be read",
+)
+
 
 class RecordDataset(Dataset):
     """Records whose images are decoded lazily, one per `__getitem__`.
@@ -38,8 +60,10 @@ class RecordDataset(Dataset):
     Holds only light rows: text fields plus an image reference (a path, bytes, or a row number
     into a memory-mapped `datasets` table). With `skip_bad_records`, an image that fails to
     decode makes `__getitem__` return None (the collator drops it), counts the reason in
-    `skipped` and logs a warning naming `where`. Note that DataLoader workers count in their own
-    process, so the main process's `skipped` only shows load-time drops and its own reads.
+    `skipped` and logs a warning naming `where`. A record is counted once however many epochs or
+    DataLoader workers read it: a bad decode marks the record in a shared-memory byte array (a torch
+    tensor: inherited under fork, passed by handle under spawn/forkserver), and `skipped` adds the
+    marks to the load-time counts when it is read, in the process that reads it.
 
     Decoded images are kept in an `ImageCache` of `image_cache_mb` megabytes (per process), keyed by
     the image reference, so a record that shares another's image, or a later epoch, skips the
@@ -61,11 +85,13 @@ class RecordDataset(Dataset):
             raise ValueError(f"{len(metas)} rows but {len(image_refs)} image references")
         self.name = name
         self.skip_bad_records = skip_bad_records
-        self.skipped: Counter = skipped if skipped is not None else Counter()
+        self._skipped: Counter = skipped if skipped is not None else Counter()
         self._metas = metas
         self._image_refs = image_refs
         self._fetch_image = fetch_image
-        self._bad_indices: set[int] = set()
+        # 0 = not found bad; k = DECODE_REASONS[k - 1]. Shared with DataLoader workers, which write it.
+        self._bad_marks = torch.zeros(len(metas) if skip_bad_records else 0, dtype=torch.uint8).share_memory_()
+        self._counted: set[int] = set()  # marks already added to _skipped in this process
         self.image_cache_mb = image_cache_mb
         self._images = ImageCache(image_cache_mb)
 
@@ -80,12 +106,29 @@ class RecordDataset(Dataset):
         except BadRecordError as err:
             if not self.skip_bad_records:
                 raise
-            if index not in self._bad_indices:  # count each record once, however many epochs read it
-                self._bad_indices.add(index)
-                self.skipped[err.reason] += 1
+            if self._bad_marks[index] == 0:  # count each record once, however many epochs or workers read it
+                code = DECODE_REASONS.index(err.reason) if err.reason in DECODE_REASONS else len(DECODE_REASONS) - 1
+                self._bad_marks[index] = code + 1
                 logger.warning("skipping bad record %s", err.problems[0][0] + ": " + err.problem)
             return None
         return {"image": image, **meta}
+
+    @property
+    def skipped(self) -> Counter:
+        """Reasons of the records dropped at load time or found bad since, by any process of this dataset.
+
+        The same Counter every time (callers may add to it); records marked bad by DataLoader workers
+        are added when it is read.
+        """
+        for index in torch.nonzero(self._bad_marks).flatten().tolist():
+            if index not in self._counted:
+                self._counted.add(index)
+                self._skipped[DECODE_REASONS[int(self._bad_marks[index]) - 1]] += 1
+        return self._skipped
+
+    def known_bad(self, index: int) -> bool:
+        """Whether record `index` was found bad by any process (its image did not decode)."""
+        return bool(self._bad_marks.numel()) and bool(self._bad_marks[index])
 
     def _image(self, ref: Any, where: str) -> Image.Image:
         # str paths, raw bytes and row numbers identify an image; anything else is decoded every time
@@ -113,8 +156,57 @@ def _bad(row: dict, reason: str, field_name: str, problem: str) -> BadRecordErro
     return BadRecordError(row["where"], field_name, problem, reason=reason)
 
 
+def suffix_text(value: Any) -> str | None:
+    """A suffix value as text; None for a missing one (None, or NaN: pandas' mark of a missing number).
+
+    The rule: a string as it is; an integer (Python, numpy) as its digits (3 -> "3"); a finite float
+    with an integral value as that integer (3.0 -> "3": a pandas int column with a gap is float), any
+    other float as the shortest text that reads back to it at its own precision (0.25 -> "0.25";
+    numpy float32 0.1 -> "0.1", not 0.10000000149011612). Refused with ValueError: booleans (True is
+    no caption: "yes", "true" or "1" is for the data to say), infinities, and lists, dicts, arrays
+    (a target is one text: joining would guess a separator; one record per target instead).
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool | np.bool_):
+        raise ValueError(f"suffix is a boolean ({value}): write the text it stands for (e.g. 'yes'/'no') in the data")
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            raise ValueError(f"suffix is {value}, not a finite number")
+        if float(value).is_integer():
+            return str(int(value))
+        return str(value) if isinstance(value, np.floating) else repr(float(value))
+    if isinstance(value, list | tuple | np.ndarray):
+        shown = repr(list(value)[:3])[:80]
+        raise ValueError(
+            f"suffix must be a string or a number, got a {type(value).__name__} of {len(value)} values ({shown}): "
+            "a target is one text; make one record per target, or keep the other references in the field "
+            f"the task reads them from ({', '.join(REFERENCE_TEXT_FIELDS)})"
+        )
+    raise ValueError(f"suffix must be a string or a number, got {type(value).__name__}")
+
+
+def _lowercase_references(value: Any) -> Any:
+    """A reference field with its texts lower-cased: strings, lists of strings, VQAv2 answer dicts."""
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, list):
+        return [_lowercase_references(v) for v in value]
+    if isinstance(value, dict):
+        return {k: v.lower() if k in ("answer", "raw", "caption") and isinstance(v, str) else v for k, v in value.items()}
+    return value
+
+
 def _check_row(
-    row: dict, default_prefix: str | None, require_suffix: bool, check_target: TargetCheck | None = None
+    row: dict,
+    default_prefix: str | None,
+    require_suffix: bool,
+    check_target: TargetCheck | None = None,
+    lowercase_suffix: bool = False,
 ) -> tuple[dict, Any]:
     """(meta, image_ref) for a good row; raise BadRecordError naming the field otherwise. Decodes nothing."""
     if "_bad" in row:
@@ -143,11 +235,15 @@ def _check_row(
         raise _bad(
             row, "prefix not a string", "prefix", f"prefix must be a string, got {type(prefix).__name__}"
         )
-    suffix = row.get("suffix")
-    if suffix is not None and not isinstance(suffix, str):
-        raise _bad(
-            row, "suffix not a string", "suffix", f"suffix must be a string, got {type(suffix).__name__}"
-        )
+    raw_suffix = row.get("suffix")
+    try:
+        suffix = suffix_text(raw_suffix)
+    except ValueError as err:
+        raise _bad(row, "suffix not a string", "suffix", str(err)) from None
+    if suffix is None and raw_suffix is not None and require_suffix:  # NaN
+        raise _bad(row, "missing suffix", "suffix", "missing suffix (NaN, pandas' mark of a missing value)")
+    if suffix is not None and lowercase_suffix:
+        suffix = suffix.lower()
     if suffix is not None and not suffix.strip():
         if require_suffix:
             raise _bad(row, "empty suffix", "suffix", "empty suffix (there is nothing to train on)")
@@ -159,6 +255,8 @@ def _check_row(
         if problem:
             raise _bad(row, "malformed target", "suffix", f"suffix is not a valid target for the task: {problem}")
     extras = {k: v for k, v in row.items() if k not in RESERVED}
+    if lowercase_suffix:
+        extras.update({k: _lowercase_references(extras[k]) for k in REFERENCE_TEXT_FIELDS if k in extras})
     return {"prefix": prefix, "suffix": suffix, "id": row["id"], "where": row["where"], **extras}, image
 
 
@@ -196,6 +294,8 @@ def load_records(
     image_cache_mb: float = 256.0,
     image_root: str | os.PathLike | None = None,
     check_target: TargetCheck | None = None,
+    config: str | None = None,
+    lowercase_suffix: bool = False,
 ) -> RecordDataset:
     """Load one split of `source` as a RecordDataset (`pg_finetune.data` lists sources and splits).
 
@@ -213,6 +313,11 @@ def load_records(
 
     `check_target` is the task's target grammar (`Task.check_target`, e.g. detection's location
     tokens): a record whose non-empty suffix it refuses is a bad record ("malformed target").
+
+    `config` is a dataset configuration name for `datasets.load_dataset(path, config)` (a hub id or a
+    directory of data files with `configs:` in its README.md); any other source refuses one.
+    `lowercase_suffix` lower-cases each suffix and the reference texts in `captions`, `answers` and
+    `texts`, as the big_vision PaliGemma colab lower-cases its long captions.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of records or None, got {limit}")
@@ -220,7 +325,7 @@ def load_records(
     base_split, part = parse_split(split)
     columns = Columns(image_column, prefix_column, suffix_column)
     root = os.fspath(image_root) if image_root is not None else None
-    src = open_source(Request(source, base_split, columns, root))
+    src = open_source(Request(source, base_split, columns, root, config))
     if default_prefix is None:
         default_prefix = src.default_prefix
     _check_columns(src, columns, default_prefix, require_suffix)
@@ -237,7 +342,7 @@ def load_records(
         if limit is not None and len(metas) >= limit:
             break
         try:
-            meta, ref = _check_row(row, default_prefix, require_suffix, check_target)
+            meta, ref = _check_row(row, default_prefix, require_suffix, check_target, lowercase_suffix)
             path = image_path(ref) if src.check_files else None
             if path is not None:
                 if path not in file_exists:

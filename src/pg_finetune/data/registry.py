@@ -16,6 +16,7 @@ SOURCES: list[SourceKind] = [
     jsonl.FILE,
     karpathy.KARPATHY,
     saved.SAVED,
+    hub.REPOSITORY,
     jsonl.DIRECTORY,
     imagefolder.IMAGEFOLDER,
     hub.DATA_FILES,
@@ -28,6 +29,14 @@ def open_source(request: Request) -> Source:
     for kind in SOURCES:
         found = kind.find(request)
         if found is not None:
+            if request.config is not None and not kind.takes_config:
+                # a silently ignored configuration name would train on data the user did not pick
+                takes = " or ".join(k.description for k in SOURCES if k.takes_config)
+                raise ValueError(
+                    f"{request.source!r} is a {kind.name} source ({kind.description}), which has no dataset "
+                    f"configurations, but configuration {request.config!r} was asked for (data.train_config / "
+                    f"data.eval_config): remove it. Configurations apply only to {takes}"
+                )
             return kind.open(found, request)
     if request.path.is_dir():
         expected = "\n".join(f"  - {kind.description}" for kind in SOURCES if kind.form == "directory")

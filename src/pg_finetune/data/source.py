@@ -34,6 +34,7 @@ class Request:
     split: str  # the split's name, its slice already removed ("train[:10%]" -> "train")
     columns: Columns = Columns()
     image_root: str | None = None  # only sources whose image paths are not relative to a file use it
+    config: str | None = None  # a dataset configuration name (`load_dataset(path, config)`); kinds with `takes_config`
 
     @property
     def path(self) -> Path:
@@ -69,7 +70,8 @@ class SourceKind:
     None; it reads no file. `open(found, request)` returns the `Source` for `request.split`, or raises
     ValueError / FileNotFoundError naming the source. `form` groups kinds for the error an unclaimed
     string gets: a file or directory that no kind finds is told the `description` of every kind of
-    that form.
+    that form. `takes_config`: the kind passes `request.config` to `datasets.load_dataset`; the
+    registry refuses a configuration name for every other kind.
     """
 
     name: str
@@ -77,6 +79,7 @@ class SourceKind:
     description: str
     find: Callable[[Request], Any]
     open: Callable[[Any, Request], Source]
+    takes_config: bool = False
 
 
 def canonical(obj: dict, columns: Columns) -> dict:

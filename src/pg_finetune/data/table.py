@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from pg_finetune.data.source import Columns, Source, canonical
 
 
@@ -49,6 +51,10 @@ def table_source(ds: Any, name: str, split: str, columns: Columns) -> Source:
     text_table = ds.select_columns(meta_columns) if meta_columns else None
     image_table = ds.select_columns([columns.image])
     null_table = image_table.with_format("arrow")  # null checks without copying image bytes
+    # a float32 target read as a Python float carries float64 noise (0.1 -> 0.10000000149011612); keep its
+    # own precision so records.suffix_text writes "0.1"
+    suffix_feature = ds.features.get(columns.suffix)
+    narrow_suffix = getattr(suffix_feature, "dtype", None) in ("float16", "float32")
 
     def rows(indices: range, batch_size: int = 1000) -> Iterator[dict]:
         for start in range(indices.start, indices.stop, batch_size):
@@ -57,6 +63,8 @@ def table_source(ds: Any, name: str, split: str, columns: Columns) -> Source:
             nulls = null_table[start:stop].column(columns.image).is_null().to_pylist()
             for k in range(stop - start):
                 obj = {c: batch[c][k] for c in meta_columns}
+                if narrow_suffix and obj[columns.suffix] is not None:
+                    obj[columns.suffix] = np.float32(obj[columns.suffix])
                 row = canonical(obj, columns)
                 row["image"] = None if nulls[k] else start + k
                 row.setdefault("id", f"{split}-{start + k}")

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pg_finetune.tasks.segment.masks import mask_box, mask_rle, mask_to_suffix
+from pg_finetune.tasks.segment.masks import mask_box, mask_rle, masks_to_suffixes
 
 SHAPES = ("circle", "rectangle", "triangle")
 
@@ -37,10 +39,64 @@ def shape_mask(path: str) -> np.ndarray:
     return (pixels != colours[counts.argmax()]).any(axis=-1)
 
 
+class EasyVQASegmentRows(Sequence):
+    """The records of one split, each made when first read, 256 at a time: reading and encoding all 3,793
+    training masks up front would cost seconds a run that reads 16 of them. Which images are rows is
+    known from the QA pairs alone (every easy-VQA image holds a shape: none of its 5,000 is blank)."""
+
+    CHUNK = 256
+
+    def __init__(self, split: str, found: list[tuple[int, str, str]], codec_path: Path,
+                 where: str | None = None):  # fmt: skip
+        self.split, self.found, self.codec_path, self.where = split, found, codec_path, where
+        self._rows: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(len(self)))]
+        k = range(len(self))[index]  # IndexError, negative indices
+        if k not in self._rows:
+            self._encode(k - k % self.CHUNK)
+        return self._rows[k]
+
+    def _encode(self, start: int) -> None:
+        from pg_finetune.tasks.segment.scoring import load_codec
+
+        chunk = self.found[start : start + self.CHUNK]
+        masks = [shape_mask(path) for _, _, path in chunk]
+        for (_, _, path), mask in zip(chunk, masks, strict=True):
+            if not mask.any():
+                raise ValueError(f"easy-VQA image {path} is blank: no shape pixels to segment")
+        suffixes = masks_to_suffixes(masks, load_codec(self.codec_path))
+        for k, ((image_id, shape, path), mask, suffix) in enumerate(zip(chunk, masks, suffixes, strict=True), start):
+            height, width = mask.shape
+            self._rows[k] = {
+                "id": f"easyvqa-segment-{self.split}-{image_id}",
+                "image": path,
+                "prefix": f"segment {shape}",
+                "suffix": suffix,
+                "expression": shape,
+                "mask": mask_rle(mask),
+                "box": list(mask_box(mask)),
+                "width": width,
+                "height": height,
+                "codec": str(self.codec_path),
+            }  # fmt: skip
+            if self.where:
+                self._rows[k]["where"] = f"{self.where} #{k}"
+
+
 def easyvqa_segment_rows(
-    split: str, codec_path: str | Path | None = None, limit: int | None = None
-) -> list[dict]:
-    """Records of `split` (train | test), one per image whose shape is named and whose mask is not empty."""
+    split: str, codec_path: str | Path | None = None, limit: int | None = None, where: str | None = None
+) -> EasyVQASegmentRows:
+    """Records of `split` (train | test), one per image whose shape its QA pairs name.
+
+    A read-only sequence whose rows are encoded when first read; `list(...)` for a plain list.
+    where: if given, each row gets `"where": f"{where} #{index}"`.
+    """
     import easy_vqa
 
     from pg_finetune.data import easyvqa_caption
@@ -57,34 +113,20 @@ def easyvqa_segment_rows(
         codec_path = default_codec_path()
         if codec_path.name == TINY_FILE and not codec_path.exists():
             codec_path = tiny_codec_path()
-    codec = load_codec(codec_path)
+    load_codec(codec_path)  # fails here, before any row is read, if the file is missing or not a codec
     questions, answers, image_ids = loaders[split][0]()
     paths = loaders[split][1]()
     qa = defaultdict(list)
     for q, a, i in zip(questions, answers, image_ids, strict=True):
         qa[i].append((q, a))
-    rows = []
+    found = []  # (image_id, shape, absolute image path)
     for image_id in sorted(qa):
-        if limit is not None and len(rows) >= limit:
+        if limit is not None and len(found) >= limit:
             break
         shape = easyvqa_caption(qa[image_id]).split()[-1]
-        mask = shape_mask(paths[image_id])
-        if shape not in SHAPES or not mask.any():
-            continue
-        height, width = mask.shape
-        rows.append({
-            "id": f"easyvqa-segment-{split}-{image_id}",
-            "image": str(Path(paths[image_id]).resolve()),
-            "prefix": f"segment {shape}",
-            "suffix": mask_to_suffix(mask, codec),
-            "expression": shape,
-            "mask": mask_rle(mask),
-            "box": list(mask_box(mask)),
-            "width": width,
-            "height": height,
-            "codec": str(Path(codec_path).resolve()),
-        })  # fmt: skip
-    return rows
+        if shape in SHAPES:
+            found.append((image_id, shape, os.path.abspath(paths[image_id])))  # no syscall, unlike resolve()
+    return EasyVQASegmentRows(split, found, Path(codec_path).resolve(), where)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--limit must be at least 1")
     if args.codec and not Path(args.codec).is_file():
         parser.error(f"no such file: {args.codec}")
-    rows = easyvqa_segment_rows(args.split, args.codec, args.limit)
+    rows = list(easyvqa_segment_rows(args.split, args.codec, args.limit))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.split}.jsonl"

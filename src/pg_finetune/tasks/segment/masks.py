@@ -69,6 +69,54 @@ def mask_to_suffix(mask: np.ndarray, codec: MaskCodec) -> str:
     return encode_box(box, width, height) + "".join(seg_token(c) for c in codes)
 
 
+def crop_edges(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
+    """Pixel box (x1, y1, x2, y2) -> the integer crop big_vision takes: each edge rounded (half to even, as
+    `tf.round(h * bbox[0])` in `refcoco_mask2str`), kept inside the image."""
+    x1, y1, x2, y2 = box
+    return (min(max(round(x1), 0), width), min(max(round(y1), 0), height),
+            min(max(round(x2), 0), width), min(max(round(y2), 0), height))  # fmt: skip
+
+
+def masks_to_suffixes(
+    masks: list[np.ndarray], codec: MaskCodec, boxes: list[tuple[float, float, float, float]] | None = None,
+    chunk: int = 512,
+) -> list[str]:  # fmt: skip
+    """`mask_to_suffix` of many masks, encoded in batches on one torch thread.
+
+    boxes: pixel (x1, y1, x2, y2) per mask, e.g. COCO's annotation bbox, which is what big_vision's
+    `refcoco_mask2str` bins and crops (its `objects/bbox`, not the mask's extent); None: each mask's
+    extent. The crop is the box with its edges rounded (`crop_edges`); ValueError if that is empty.
+    One thread: a 64x64 conv net is too small to gain from more, and on a busy machine two threads
+    made this thirty times slower (100 masks: 1.3 s on one thread, 30 s on two, load 13).
+    """
+    import torch
+
+    masks = [np.asarray(m) > 0 for m in masks]
+    if boxes is None:
+        boxes = [mask_box(m) for m in masks]
+    crops = []
+    for k, (m, box) in enumerate(zip(masks, boxes, strict=True)):
+        x1, y1, x2, y2 = edges = crop_edges(box, m.shape[1], m.shape[0])
+        if x2 <= x1 or y2 <= y1:
+            raise ValueError(f"mask {k}: box {tuple(box)} is empty once rounded to whole pixels {edges}")
+        crops.append(edges)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        codes = [
+            code
+            for start in range(0, len(masks), chunk)
+            for code in codec.encode(np.stack([crop_to_64(m, c) for m, c in zip(
+                masks[start : start + chunk], crops[start : start + chunk], strict=True)]))
+        ]  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)
+    return [
+        encode_box(box, m.shape[1], m.shape[0]) + "".join(seg_token(c) for c in code)
+        for m, box, code in zip(masks, boxes, codes, strict=True)
+    ]
+
+
 def box_pixels(bins: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
     """(y1, x1, y2, x2) bins -> integer pixel (x1, y1, x2, y2) as big_vision's evaluator: `int(bin / 1023 * size)`."""
     y1, x1, y2, x2 = (b / _MAX_BIN for b in bins)

@@ -145,7 +145,8 @@ def _box_iou_normalized(bins: Sequence[int], ref: dict) -> float:
 def evaluate(
     predictions: Sequence[str], references: Sequence[dict]
 ) -> tuple[list[dict], dict[int, list[str]]]:
-    """Per example {"mask_iou", "box_iou", "valid", "bins"}, and notes by example index."""
+    """Per example {"mask_iou", "box_iou", "valid", "bins", "mask" (the decoded mask as COCO RLE, when
+    valid)}, and notes by example index."""
     check_lengths(predictions, references)
     parsed = [parse_segmentation(text) for text in predictions]
     results: list[dict] = []
@@ -179,6 +180,7 @@ def evaluate(
                                     ref["width"], ref["height"])  # fmt: skip
                 inter = int((truth & pred).sum())
                 results[k]["mask_iou"] = inter / (int(truth.sum()) + int(pred.sum()) - inter)
+                results[k]["mask"] = mask_rle(pred)  # for the report's pictures (compact, unlike the array)
     return results, problems
 
 
@@ -191,6 +193,7 @@ def score(predictions: Sequence[str], references: Sequence[dict], options: Score
     metrics["invalid_rate"] = sum(not r["valid"] for r in results) / n if n else 0.0
     drawn = {}
     for k, (r, ref) in enumerate(zip(results, references, strict=True)):
+        # Entries carry the mask (COCO RLE) after the Drawn triple: `draw.draw_masks` blends it in.
         predicted = []
         if r["bins"] is not None:
             predicted = [
@@ -198,9 +201,11 @@ def score(predictions: Sequence[str], references: Sequence[dict], options: Score
                     decode_box(r["bins"], ref["width"], ref["height"]),
                     "prediction",
                     f"box IoU {r['box_iou']:.2f}",
+                    r.get("mask"),
                 )
             ]
-        drawn[k] = Drawn(truth=[(ref["box"], "truth", f"mask IoU {r['mask_iou']:.2f}")], predicted=predicted)
+        truth = [(ref["box"], "truth", f"mask IoU {r['mask_iou']:.2f}", ref["mask"])]
+        drawn[k] = Drawn(truth=truth, predicted=predicted)  # type: ignore[arg-type]
     return Scored(metrics, problems, drawn)
 
 
