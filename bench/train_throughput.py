@@ -188,7 +188,7 @@ def run_child(cmd: list[str]) -> dict:
     return parse_report(done.stdout)
 
 
-def process_commands(method: str, data: Path, work: Path, steps: int) -> dict[str, list[str]]:
+def process_commands(method: str, data: Path, work: Path, steps: int, feature_cache_off: bool = False) -> dict[str, list[str]]:
     """The three processes of one comparison: ours (the recipe as shipped), notebook, notebook matched."""
     from pg_finetune.model import tiny_model_dir
     from pg_finetune.recipe import load_recipe
@@ -202,7 +202,10 @@ def process_commands(method: str, data: Path, work: Path, steps: int) -> dict[st
     notebook = [py, str(BENCH / "notebook_train.py"), "--data", str(data), "--model", str(tiny_model_dir("tiny")),
                 "--method", method, "--max-steps", str(steps), "--output-dir", str(work / "notebook-RUN")]
     matched = [*notebook, "--matched", "--lora-dropout", str(recipe.tuning.lora_dropout), "--optim", recipe.training.optim]
-    return {"ours": ours, "notebook": notebook, "notebook matched": matched}
+    commands = {"ours": ours, "notebook": notebook, "notebook matched": matched}
+    if feature_cache_off:  # what the image-feature cache costs or saves on this data
+        commands["ours, no feature cache"] = [*ours, "training.cache_image_features=false"]
+    return commands
 
 
 def process_main(args: argparse.Namespace) -> None:
@@ -213,22 +216,23 @@ def process_main(args: argparse.Namespace) -> None:
     for kind in args.data.split(","):
         data = write_easyvqa_jsonl(work / f"{kind}.jsonl", kind)
         for method in args.methods.split(","):
-            commands = process_commands(method, data, work, args.steps)
+            commands = process_commands(method, data, work, args.steps, args.feature_cache_off)
             runs: dict[str, list[float]] = {name: [] for name in commands}
             for round_ in range(args.rounds):
                 for name, cmd in commands.items():  # interleaved: ours, notebook, matched, ours, ...
                     result = run_child(cmd)
                     runs[name].append(result["samples_per_s"])
-                    print(f"{kind:<9}{method:<6}round {round_ + 1}: {name:<17}{result['samples_per_s']:>8.1f} samples/s",
+                    print(f"{kind:<9}{method:<6}round {round_ + 1}: {name:<23}{result['samples_per_s']:>8.1f} samples/s",
                           flush=True)
-            for name in ("notebook", "notebook matched"):
-                ratios = [o / n for o, n in zip(runs["ours"], runs[name], strict=True)]
-                rows.append(dict(data=kind, method=method, baseline=name, ours_samples_per_s=runs["ours"],
+            ours_names = [n for n in runs if n.startswith("ours")]
+            for ours_name, name in ((o, b) for o in ours_names for b in ("notebook", "notebook matched")):
+                ratios = [o / n for o, n in zip(runs[ours_name], runs[name], strict=True)]
+                rows.append(dict(data=kind, method=method, ours=ours_name, baseline=name, ours_samples_per_s=runs[ours_name],
                                  baseline_samples_per_s=runs[name], ratios=ratios,
                                  median_ratio=statistics.median(ratios)))
-    print(f"\n{'data':<10}{'method':<7}{'baseline':<18}{'ours s/s':>9}{'base s/s':>9}{'median ratio':>14}  ratios")
+    print(f"\n{'data':<10}{'method':<7}{'ours':<24}{'baseline':<18}{'ours s/s':>9}{'base s/s':>9}{'median ratio':>14}  ratios")
     for r in rows:
-        print(f"{r['data']:<10}{r['method']:<7}{r['baseline']:<18}{statistics.median(r['ours_samples_per_s']):>9.1f}"
+        print(f"{r['data']:<10}{r['method']:<7}{r['ours']:<24}{r['baseline']:<18}{statistics.median(r['ours_samples_per_s']):>9.1f}"
               f"{statistics.median(r['baseline_samples_per_s']):>9.1f}{r['median_ratio']:>13.2f}x  "
               + ", ".join(f"{x:.2f}" for x in r["ratios"]))
     meta = dict(
@@ -249,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (process: 200, steps: 40)")
     parser.add_argument("--rounds", type=int, default=3, help="process: interleaved rounds")
     parser.add_argument("--data", default="distinct,repeated", help="process: distinct (one image per record), repeated")
+    parser.add_argument("--feature-cache-off", action="store_true",
+                        help="process: also run ours with training.cache_image_features=false")
     parser.add_argument("--batch-size", type=int, default=16, help="steps mode (process mode: the recipes' 16)")
     parser.add_argument("--max-length", type=int, default=64, help="data.max_length of the tiny recipes")
     parser.add_argument("--methods", default=None,
