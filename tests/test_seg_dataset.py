@@ -193,6 +193,27 @@ def test_a_ref_to_a_missing_annotation_names_the_refs_file(tmp_path, codec_file,
     assert f"error: {refs}: ref 7: ann_id 99 is not in the annotations file" in capsys.readouterr().err
 
 
+class _RunsCode:
+    """Unpickling this would call os.getcwd: a stand-in for a refs file that runs code when opened."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_a_refs_pickle_that_would_run_code_is_refused(tmp_path, capsys):
+    annotations, images = _coco(tmp_path)
+    refs = tmp_path / "refs(unc).p"
+    refs.write_bytes(pickle.dumps([{"ref_id": 1, "sentences": [_RunsCode()]}]))
+    argv = ["--annotations", str(annotations), "--images", str(images), "--out", str(tmp_path / "o"),
+            "--refs", str(refs), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{refs}: not a plain-data refs pickle" in err and "posix.getcwd" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_shim_runs_the_same_program_with_help():
     result = subprocess.run([sys.executable, str(ROOT / "data_prep/create_seg_dataset.py"), "--help"],
                             capture_output=True, text=True, cwd=ROOT)  # fmt: skip

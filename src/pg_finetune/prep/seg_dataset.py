@@ -30,9 +30,9 @@ Inputs:
   id, image_id, bbox, segmentation as polygons [[x1, y1, x2, y2, ...], ...] or RLE {"size": [H, W],
   "counts": string (compressed) or list (uncompressed)}; `categories` with id, name). Decoded with
   pycocotools' mask utils.
-- --refs (optional): RefCOCO-style refs, a pickle (`refs(unc).p`, from the refer toolkit; only open
-  a pickle you trust) or a JSON list (or {"refs": [...]}) of {"ref_id", "ann_id", "image_id",
-  "split", "sentences": [{"sent": ...} or {"raw": ...} or a string, ...]}. Without --refs each
+- --refs (optional): RefCOCO-style refs, a pickle (`refs(unc).p`, from the refer toolkit; read as
+  plain data only: a pickle holding any class or function is refused) or a JSON list (or
+  {"refs": [...]}) of {"ref_id", "ann_id", "image_id", "split", "sentences": [{"sent": ...} or {"raw": ...} or a string, ...]}. Without --refs each
   instance is one record whose expression is its category name; its split is --split.
 
 Rules, each counted in the summary: crowd annotations are skipped without --refs unless --keep-crowd
@@ -176,11 +176,24 @@ def read_coco(path: Path) -> tuple[dict[int, dict], dict[int, dict], dict[int, s
     return images, annotations, categories
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Reads pickles of plain data only (dict, list, str, int, float...): any class or function in the
+    file is refused, so opening a `refs(unc).p` can never run code."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(
+            f"refuses {module}.{name}: a refs pickle holds only dicts, lists, strings and numbers"
+        )
+
+
 def read_refs(path: Path) -> list[dict]:
     """RefCOCO refs from a pickle (the refer toolkit's `refs(unc).p`) or JSON (a list, or {"refs": [...]})."""
     if path.suffix in (".p", ".pkl", ".pickle"):
         with open(path, "rb") as f:
-            refs = pickle.load(f)  # noqa: S301 - the refer toolkit's format; the help says to trust the file
+            try:
+                refs = _PlainDataUnpickler(f, encoding="latin1").load()  # the refer toolkit wrote it in Python 2
+            except (pickle.UnpicklingError, EOFError, ValueError) as err:
+                raise InputError(f"{path}: not a plain-data refs pickle ({err})") from None
     else:
         refs = _load_json(path)
         refs = refs.get("refs") if isinstance(refs, dict) else refs
