@@ -116,13 +116,16 @@ def test_same_record_in_another_process():
         "d = t.wrap(t.FakeRecords([t.detection_meta(i) for i in range(6)]), seed=5, negatives=2); d.set_epoch(3); "
         "print([(d[i]['prefix'], d[i]['suffix']) for i in range(6)])"
     )
-    outputs = {
-        subprocess.run(
+    procs = [  # both at once: each is mostly a cold import of the stack
+        subprocess.Popen(
             [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
-            capture_output=True, text=True, check=True,
-        ).stdout
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
         for hash_seed in (1, 2)
-    }
+    ]
+    results = [proc.communicate(timeout=300) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in results]
+    outputs = {out for out, _ in results}
     assert len(outputs) == 1, outputs
 
 

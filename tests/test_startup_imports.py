@@ -46,6 +46,7 @@ def test_hidden_bitsandbytes_fails_to_import_and_is_findable_again_afterwards(tm
     assert f"spec after {HAS_BNB}" in out
 
 
+@pytest.mark.slow  # a cold interpreter importing the whole stack: ~10 s
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed: nothing to keep out")
 def test_the_trainer_imports_peft_without_bitsandbytes_and_leaves_it_available(tmp_path):
     out = _python(
