@@ -315,3 +315,20 @@ def test_malformed_model_output_is_scored_as_wrong_and_listed_by_id(tmp_path, ca
     assert scores["detection/validation/acc@0.5"] == pytest.approx(1 / 3)  # malformed output counts as wrong
     assert scores["detection/validation/invalid_rate"] == pytest.approx(3 / 4)  # 3 of 4 segments malformed
     assert "img1: malformed detection" in capsys.readouterr().err  # also told on the terminal
+
+
+def test_detection_fields_that_cannot_make_a_shuffled_suffix_are_named_before_training(tmp_path, capsys):
+    # The stored suffix is well formed, but with task.shuffle_objects (on for detect) the suffix is rebuilt
+    # from `boxes` every epoch: an inverted box there used to fail inside the DataLoader, unnamed.
+    image = _good(tmp_path)
+    good = {"boxes": [[4, 4, 20, 20]], "labels": ["cat"], "width": 32, "height": 32}
+    bad = {**good, "boxes": [[20, 4, 4, 20]]}  # x1 > x2
+    suffix = "<loc0128><loc0128><loc0639><loc0639> cat"  # (4, 4, 20, 20) of 32 px, binned by hand: round(v/32*1023)
+    rows = [{**_row(image, **good), "prefix": "detect cat", "suffix": suffix},
+            {**_row(image, **bad), "prefix": "detect cat", "suffix": suffix}]  # fmt: skip
+    data = _jsonl(tmp_path / "train.jsonl", rows)
+    assert _train(tmp_path, f"data.train={data}", "task.name=detect") == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:2" in err and "x1 <= x2" in err and "task.shuffle_objects" in err and "Traceback" not in err
+    assert "train.jsonl:1" not in err
+    assert _train(tmp_path, f"data.train={data}", "task.name=detect", "task.shuffle_objects=false") == 0

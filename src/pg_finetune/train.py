@@ -207,7 +207,11 @@ def main(
         train_data = SubstituteBadRecords(records, known_bad)
     augment_callbacks: list[TrainerCallback] = []
     if task.augment is not None:  # e.g. detection: a new object order every epoch, negative classes
-        train_data, augment_callbacks = task.augment(train_data, recipe.task, recipe.training.seed)
+        try:
+            train_data, augment_callbacks = task.augment(train_data, recipe.task, recipe.training.seed)
+        except ValueError as err:  # records whose fields cannot make the augmented target, each named
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if d.augment is not None:  # data.augment: training images only, eval records are never augmented
         from pg_finetune.image_augment import ImageAugment, parse_augment
         from pg_finetune.tasks.detect.augment import EpochCallback

@@ -27,6 +27,27 @@ from pg_finetune.tasks.detect.targets import make_prefix, make_suffix
 DETECTION_FIELDS = ("boxes", "labels", "width", "height")
 
 
+def detection_field_problems(dataset: Any, limit: int = 5) -> list[str]:
+    """`where: problem` for records whose boxes/labels/width/height cannot make a suffix; decodes no image.
+
+    With shuffle_objects the suffix is rebuilt from these fields every epoch, so a record whose stored
+    suffix passed the target check but whose `boxes` are inverted, NaN or unmatched by `labels` would
+    otherwise fail mid-training, inside the DataLoader, without naming the record.
+    """
+    problems = []
+    for i in range(len(dataset)):
+        meta = dataset.rows_meta(i)
+        if not meta or any(key not in meta for key in DETECTION_FIELDS):
+            continue
+        try:
+            make_suffix(meta["boxes"], meta["labels"], meta["width"], meta["height"])
+        except (ValueError, TypeError) as err:
+            problems.append(f"{meta.get('where', f'record {i}')}: {err}")
+            if len(problems) >= limit:
+                break
+    return problems
+
+
 def collect_classes(dataset: Any) -> list[str]:
     """The union of `labels` over `dataset.rows_meta(i)`, in first-seen order; decodes no image."""
     classes: dict[str, None] = {}
@@ -56,6 +77,12 @@ class DetectionAugment(Dataset):
         self.negatives = negatives
         self.all_classes = list(all_classes)
         self.epoch = 0
+        if shuffle_objects and (problems := detection_field_problems(dataset)):
+            raise ValueError(
+                "task.shuffle_objects rebuilds each detection suffix from the record's boxes, labels, width "
+                "and height, and these records' fields cannot make one (fix them, or set "
+                "task.shuffle_objects: false to train on the suffix as written):\n  " + "\n  ".join(problems)
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
