@@ -61,13 +61,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+# One error type and JSON reader for both converters: the detection one's.
+from pg_finetune.prep.od_dataset import InputError, _load_json
+
 COUNTERS = ("crowd", "too_small", "missing_image", "other_split")
 BBOX_TOLERANCE = 1.0  # pixels a bbox may reach past the image border (float round-off in exports)
 CHUNK = 256  # masks encoded at a time
-
-
-class InputError(ValueError):
-    """A problem in the input files; the message names the file and the annotation or ref id."""
 
 
 @dataclass
@@ -79,13 +78,6 @@ class Item:
     expression: str
     id: str
     split: str
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
 
 
 def _finite(values: Any) -> bool:
