@@ -92,3 +92,29 @@ def test_a_lora_run_does_not_import_bitsandbytes_and_qlora_can_still_use_it(tmp_
     assert "peft imported True" in out  # the run did use peft: the check below is not vacuous
     assert "bitsandbytes imported False" in out
     assert "available after True True" in out
+
+
+def test_collector_frozen_spares_older_objects_inside_and_frees_them_after():
+    import gc
+    import weakref
+
+    from pg_finetune.imports import collector_frozen
+
+    class Node:
+        pass
+
+    def garbage_cycle() -> weakref.ref:
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # unreachable once this returns: only the cycle collector frees it
+        return weakref.ref(a)
+
+    old = garbage_cycle()
+    with collector_frozen():
+        assert gc.get_freeze_count() > 0
+        new = garbage_cycle()
+        gc.collect()
+        assert old() is not None  # made before the block: frozen, skipped by the collection
+        assert new() is None  # made inside the block: collected as usual
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert old() is None  # unfrozen afterwards: a process that runs main() again can free it

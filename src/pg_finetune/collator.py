@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -111,6 +112,7 @@ class PaliGemmaCollator:
         if self.max_length < len(self.newline_ids) + 3:
             raise ValueError(f"max_length={self.max_length} leaves no room for a prompt and a target")
         self._pixel_cache = KeyedTensorCache(self.pixel_cache_mb)
+        self._process_images = BatchedPilPixels.of(self.processor.image_processor) or self._image_processor
 
     # -- public -----------------------------------------------------------------------------------
     def __call__(self, records: list[dict | None]) -> dict[str, torch.Tensor]:
@@ -213,13 +215,67 @@ class PaliGemmaCollator:
     def _pixels(self, records: list[dict]) -> torch.Tensor:
         images = [r["image"] if _is_rgb_image(r["image"]) else _open(r) for r in records]
         if self.pixel_cache_mb <= 0:
-            return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            return self._process_images(images)
         keys = [_image_key(image) for image in images]
         # The image processor treats each image on its own (fixed output size, no padding),
         # so processing only the misses gives the same rows as processing the whole batch.
-        return self._pixel_cache(
-            keys, lambda rows: self.processor.image_processor([images[i] for i in rows], return_tensors="pt")["pixel_values"]
+        return self._pixel_cache(keys, lambda rows: self._process_images([images[i] for i in rows]))
+
+    def _image_processor(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+@dataclass(frozen=True)
+class BatchedPilPixels:
+    """The PIL image processor's own steps for a batch of RGB images at once, bit for bit.
+
+    transformers' PIL backend (`SiglipImageProcessorPil`, what PaliGemma's processor uses without
+    torchvision) resizes, rescales and normalises one image at a time through a chain of numpy
+    helpers: ~6 ms for 16 small images, the largest part of a tiny model's collate. This does the same
+    operations in the same dtypes (PIL `resize` with the processor's filter, `uint8 -> float64 * scale
+    -> float32`, `(x - mean) / std` in float32) on the stacked batch: the same numbers (tested against
+    the processor on images of many sizes), ~8x faster. `of()` returns None for any configuration it
+    does not transcribe (another backend, center crop, padding, aspect-preserving sizes, rescale or
+    normalise off): the collator then calls the processor itself.
+    """
+
+    height: int
+    width: int
+    resample: int
+    scale: float
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def of(cls, image_processor: Any) -> BatchedPilPixels | None:
+        ip = image_processor
+        size = getattr(ip, "size", None)
+        height, width = getattr(size, "height", None), getattr(size, "width", None)
+        simple = (
+            getattr(ip, "backend", None) == "pil"
+            and getattr(ip, "do_resize", False) and height and width
+            and not any(getattr(size, k, None) for k in ("shortest_edge", "longest_edge", "max_height", "max_width"))
+            and getattr(ip, "do_rescale", False) and getattr(ip, "do_normalize", False)
+            and not getattr(ip, "do_center_crop", False) and not getattr(ip, "do_pad", False)
+        )  # fmt: skip
+        if not simple:
+            return None
+        channels = np.ones(3, dtype=np.float32)
+        return cls(
+            height=int(height),
+            width=int(width),
+            resample=int(ip.resample if ip.resample is not None else Image.Resampling.BILINEAR),
+            scale=float(ip.rescale_factor),
+            mean=channels * np.asarray(ip.image_mean, dtype=np.float32),
+            std=channels * np.asarray(ip.image_std, dtype=np.float32),
         )
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        # PIL returns a plain copy when the size already matches, as the processor's own resize does
+        pixels = np.stack([np.asarray(image.resize((self.width, self.height), resample=self.resample)) for image in images])
+        values = (pixels.astype(np.float64) * self.scale).astype(np.float32)
+        values = (values - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(values.transpose(0, 3, 1, 2)))
 
 
 def _is_rgb_image(image: Any) -> bool:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pg_finetune.benchmarks import BENCHMARKS, Benchmark, get_benchmark
+from pg_finetune.imports import collector_frozen
 from pg_finetune.jsonl import jsonl_objects
 from pg_finetune.metrics.captions import TOKENIZERS
 from pg_finetune.tasks import Scored, ScoreOptions
@@ -197,20 +198,21 @@ def run_model(args: argparse.Namespace, bench: Benchmark) -> tuple[dict[str, str
     bar = tqdm(total=len(todo), desc=f"{bench.name} generating", unit="ex", disable=args.quiet)
     chunk = max(1, args.batch_size) * 4  # decode a few batches of images at a time, not the whole split
     try:
-        for start in range(0, len(todo), chunk):
-            records = []
-            for i in todo[start : start + chunk]:
-                record = dataset[i]  # decodes the image; None when it cannot be read
-                if record is None:
-                    unreadable.append(metas[i]["id"])
-                    continue
-                records.append({**record, "prefix": task.prompt(record)})
-            raw = generate(model, processor, records, settings, max_length=max_length, progress=False) if records else []
-            for record, text in zip(records, raw, strict=True):
-                prediction = task.parse(text)
-                predictions.setdefault(str(record["id"]), prediction)
-                rows.append({"id": record["id"], "prefix": record["prefix"], "prediction": prediction, "raw": text})
-            bar.update(len(todo[start : start + chunk]))
+        with collector_frozen():  # the collector's full passes skip the imports' and the model's objects
+            for start in range(0, len(todo), chunk):
+                records = []
+                for i in todo[start : start + chunk]:
+                    record = dataset[i]  # decodes the image; None when it cannot be read
+                    if record is None:
+                        unreadable.append(metas[i]["id"])
+                        continue
+                    records.append({**record, "prefix": task.prompt(record)})
+                raw = generate(model, processor, records, settings, max_length=max_length, progress=False) if records else []
+                for record, text in zip(records, raw, strict=True):
+                    prediction = task.parse(text)
+                    predictions.setdefault(str(record["id"]), prediction)
+                    rows.append({"id": record["id"], "prefix": record["prefix"], "prediction": prediction, "raw": text})
+                bar.update(len(todo[start : start + chunk]))
     finally:
         bar.close()
     report = {"unreadable_images": unreadable, "skipped_records": dict(dataset.skipped),

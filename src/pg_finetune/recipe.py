@@ -249,7 +249,11 @@ class TrainingConfig:
     weight_decay: float = _field(0.0, "Decoupled weight decay, >= 0.")
     optim: Literal[
         "adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adamw_bnb_8bit", "paged_adamw_8bit"
-    ] = _field("adamw_torch", "Optimiser (TrainingArguments.optim); the *_8bit ones need bitsandbytes.")
+    ] = _field(
+        "adamw_torch_fused",
+        "Optimiser (TrainingArguments.optim). adamw_torch_fused is the Trainer's own default (one fused kernel per "
+        "step, CPU and CUDA; ~4x faster than adamw_torch's per-parameter loop on CPU); the *_8bit ones need bitsandbytes.",
+    )
     adam_beta2: float = _field(0.999, "Adam beta2.")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 = no clipping.")
     label_smoothing: float = _field(

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pg_finetune.imports import import_without_bitsandbytes
+from pg_finetune.imports import collector_frozen, import_without_bitsandbytes
 from pg_finetune.recipe import Recipe, RecipeError, load_recipe, redact_recipe, save_recipe
 
 if TYPE_CHECKING:
@@ -310,7 +310,8 @@ def main(
     else:
         set_seed(recipe.training.seed)  # as Trainer init did: the before-eval must not change training's RNG
         try:
-            trainer.train(resume_from_checkpoint=resume)
+            with collector_frozen():  # ~0.4 s less start-up: the Trainer's gc.collect() skips the imports' objects
+                trainer.train(resume_from_checkpoint=resume)
         except (BadRecordError, SequenceTooLongError) as err:  # a bad image, or too long under truncation: error
             print(f"error: {err}", file=sys.stderr)
             return 2
