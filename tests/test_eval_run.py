@@ -92,3 +92,32 @@ def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
         assert main(["--benchmark", "easyvqa", "--model", "tiny", "--limit", "1", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert "--out" in err and "Traceback" not in err
+
+
+def test_config_picks_a_configuration_of_the_data_and_is_refused_where_there_is_none(tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "shape.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    repo = tmp_path / "shapes"
+    for config, answers in (("one", ["red"]), ("three", ["red", "blue", "green"])):
+        (repo / config).mkdir(parents=True)
+        _write(repo / config / "test.jsonl", [{"id": f"{config}{k}", "image": str(image), "question": "what colour?",
+                                               "answers": [a]} for k, a in enumerate(answers)])  # fmt: skip
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: one\n  default: true\n  data_files:\n  - split: test\n    path: one/test.jsonl\n"
+        "- config_name: three\n  data_files:\n  - split: test\n    path: three/test.jsonl\n---\n"
+    )
+    out = tmp_path / "out"
+    common = ["--benchmark", "vqa", "--data", str(repo), "--split", "test", "--model", "tiny", "--prompt",
+              "answer en {question}", "--max-new-tokens", "2", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main([*common, "--config", "three"]) == 0
+    ids = [json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert ids == ["three0", "three1", "three2"]
+    assert main(common) == 0  # the README's default configuration
+    ids = [json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert ids == ["one0"]
+    jsonl = repo / "one" / "test.jsonl"
+    assert main([*common[:3], str(jsonl), *common[4:], "--config", "three"]) == 2
+    assert "configuration 'three' was asked for" in capsys.readouterr().err

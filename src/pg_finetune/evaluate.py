@@ -170,7 +170,7 @@ def run_model(args: argparse.Namespace, bench: Benchmark) -> tuple[dict[str, str
     split = args.split or bench.split
     try:
         dataset = load_records(source, split, default_prefix=prefix, require_suffix=False, limit=args.limit,
-                               skip_bad_records=True, image_root=args.image_root)  # fmt: skip
+                               skip_bad_records=True, image_root=args.image_root, config=args.config)  # fmt: skip
     except (OSError, ValueError) as err:
         raise UsageError(f"benchmark {bench.name!r}: cannot load {source!r}: {err}") from None
     metas = [dataset.rows_meta(i) for i in range(len(dataset))]
@@ -305,6 +305,8 @@ def build_parser(prog: str = "pg-eval") -> argparse.ArgumentParser:
     add("--data", help="data source (JSONL, dataset dir, hub id, Karpathy JSON for cococap)")
     add("--image-root", help="Karpathy JSON: directory holding its filepath/filename images (default: the JSON's "
         "directory); predictions mode: where reference `image` paths start (default: the references file's)")
+    add("--config", help="dataset configuration (load_dataset's `name`) of a hub dataset or a dataset repository "
+        "whose README lists `configs:`; refused for other sources (default: the dataset's default)")
     add("--split", help="split, may be sliced: test[:500] (default: the benchmark's)")
     add("--limit", type=int, help="evaluate at most N examples")
     add("--prompt", "--prefix", dest="prompt",

@@ -35,7 +35,7 @@ def open_source(request: Request) -> Source:
                 raise ValueError(
                     f"{request.source!r} is a {kind.name} source ({kind.description}), which has no dataset "
                     f"configurations, but configuration {request.config!r} was asked for (data.train_config / "
-                    f"data.eval_config): remove it. Configurations apply only to {takes}"
+                    f"data.eval_config, or pg-eval's --config): remove it. Configurations apply only to {takes}"
                 )
             return kind.open(found, request)
     if request.path.is_dir():
