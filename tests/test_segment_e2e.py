@@ -192,16 +192,18 @@ def test_tiny_recipe_trains_reports_masks_and_predicts_an_overlay(tmp_path, code
 
 @pytest.mark.slow
 def test_trained_tiny_model_masks_beat_the_whole_box(tmp_path, monkeypatch):
-    """The shipped recipe (714 steps, ~6 min on two busy CPU cores) with its default offline codec (500
-    steps, trained into the cache dir on first use), 200 held-out shapes, two comparisons:
+    """The shipped recipe (3,000 steps, ~3-4 min on two CPU cores) with its default offline codec (500
+    steps, trained into the cache dir on first use), 200 held-out shapes, three comparisons:
 
+    - where: box IoU against the best constant guess (the mean true box of these shapes: ~0.16);
     - the mask part: the model's 16 seg tokens decoded into the TRUE box, against filling the true box
-      (exact for rectangles, ~0.84 for circles, ~0.6 for triangles). Asserted: it must beat it clearly.
+      (exact for rectangles, ~0.84 for circles, ~0.6 for triangles);
     - end to end: mask mIoU (the refcoco_seg metric: seg tokens in the predicted box) against filling the
-      same predicted box. Printed, not asserted: the tiny model localises poorly (box IoU ~0.2, as the
-      detect recipe), which bounds both numbers alike.
-    Measured with the default codec: mask part 0.964 vs 0.834; end to end 0.155 vs 0.142 (box IoU ~0.2).
-    The codec matters: with the 100-step one of the fast tests the mask part only ties (0.830 vs 0.834).
+      same predicted box.
+    Measured (seed 42, 164 s of training): box IoU 0.751 vs 0.157; mask part 0.969 vs 0.834; end to end
+    0.717 vs 0.655. Before the vision tower was frozen (`tiny`, 714 steps, trainable random SigLIP) the
+    boxes never left the constant guess: box IoU ~0.2, end to end 0.155 vs 0.142. The codec matters:
+    with the 100-step one the mask part ties.
     """
     from pg_finetune.tasks.segment.masks import box_pixels, paste_logits
     from pg_finetune.tasks.segment.scoring import evaluate
@@ -235,7 +237,21 @@ def test_trained_tiny_model_masks_beat_the_whole_box(tmp_path, monkeypatch):
             filled[y1:y2, x1:x2] = True
         whole_predicted_box.append(_iou(filled, truth))
     model_miou = float(np.mean([r["mask_iou"] for r in results]))
-    print(f"\ntiny easyvqa_segment, {len(rows)} test shapes: seg tokens in the true box {np.mean(in_true_box):.3f} vs "
-          f"whole true box {np.mean(whole_true_box):.3f}; end to end mask mIoU {model_miou:.3f} vs whole predicted "
-          f"box {np.mean(whole_predicted_box):.3f}")  # fmt: skip
+    box_iou = float(np.mean([r["box_iou"] for r in results]))
+    mean_box = np.mean([ref["box"] for ref in references], axis=0)
+    constant_box_iou = np.mean([_box_iou(mean_box, ref["box"]) for ref in references])
+    print(f"\ntiny easyvqa_segment, {len(rows)} test shapes: box IoU {box_iou:.3f} vs constant box "
+          f"{constant_box_iou:.3f}; seg tokens in the true box {np.mean(in_true_box):.3f} vs whole true box "
+          f"{np.mean(whole_true_box):.3f}; end to end mask mIoU {model_miou:.3f} vs whole predicted box "
+          f"{np.mean(whole_predicted_box):.3f}")  # fmt: skip
+    assert box_iou > constant_box_iou + 0.3
     assert np.mean(in_true_box) > np.mean(whole_true_box) + 0.05
+    assert model_miou > np.mean(whole_predicted_box) + 0.03
+    assert model_miou > np.mean(whole_true_box) - 0.2  # within reach of the oracle box's whole-box masks
+
+
+def _box_iou(a, b) -> float:
+    """IoU of two [x1, y1, x2, y2] pixel boxes (worked here, not by the scorer)."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -1,7 +1,7 @@
 """Load a PaliGemma or PaliGemma 2 model and its processor.
 
 `model.name_or_path` is a hub id (`google/paligemma2-3b-pt-224`), a local
-`save_pretrained` directory, or `tiny` / `tiny-paligemma2` for the random tiny
+`save_pretrained` directory, or `tiny` / `tiny-paligemma2` / `tiny-spatial` for the random tiny
 model of `pg_finetune.tiny` (written once to a cache directory and then loaded
 through the same `from_pretrained` path as a real checkpoint).
 No `trust_remote_code`: PaliGemma is part of transformers.
@@ -32,7 +32,13 @@ from pg_finetune.tuning import method_of, quantization_config
 
 logger = logging.getLogger(__name__)
 
-TINY_MODELS = {"tiny": "paligemma", "tiny-paligemma": "paligemma", "tiny-paligemma2": "paligemma2"}
+TINY_MODELS = {
+    "tiny": "paligemma", "tiny-paligemma": "paligemma", "tiny-paligemma2": "paligemma2", "tiny-spatial": "paligemma",
+}  # fmt: skip
+# Tiny models built with more than a decoder variant: name -> `pg_finetune.tiny.build_tiny` options.
+# tiny-spatial: vision position embeddings 8x stronger, so a frozen random tower keeps where each patch
+# is (the tiny segment recipe places its boxes with it; `tiny` builds exactly as before).
+TINY_BUILD_OPTIONS = {"tiny-spatial": {"position_scale": 8.0}}
 # The one dtype map: model.dtype and tuning.bnb_4bit_compute_dtype name its keys (tests/test_model.py checks).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 DEFAULT_MAX_LENGTH = 512  # generate()'s default: what inference used before it read the training recipe
@@ -47,12 +53,12 @@ def tiny_model_dir(name: str) -> Path:
     """Write the tiny model once under the cache dir and return its path."""
     from pg_finetune.tiny import save_tiny
 
-    variant = TINY_MODELS[name]
+    variant, options = TINY_MODELS[name], TINY_BUILD_OPTIONS.get(name, {})
     root = Path(os.environ.get("PG_FINETUNE_CACHE", Path.home() / ".cache" / "pg_finetune"))
-    path = root / f"tiny-{variant}-seed0"
+    path = root / (f"{name}-seed0" if options else f"tiny-{variant}-seed0")
     if not (path / "model.safetensors").exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_tiny(tmp, variant=variant, seed=0)
+        save_tiny(tmp, variant=variant, seed=0, **options)
         try:
             tmp.rename(path)  # atomic: a second process racing here finds a complete directory
         except OSError:

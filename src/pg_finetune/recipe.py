@@ -67,7 +67,8 @@ class ModelConfig:
     name_or_path: str = _field(
         "tiny",
         "Hub id (google/paligemma2-3b-pt-224), a local save_pretrained dir, or 'tiny' / "
-        "'tiny-paligemma2' for the built-in random tiny model that runs offline.",
+        "'tiny-paligemma2' for the built-in random tiny model that runs offline ('tiny-spatial': 'tiny' with "
+        "8x stronger vision position embeddings, for the tiny segment recipe).",
     )
     revision: str | None = _field(None, "Hub revision (branch, tag or commit); null = default branch.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
