@@ -270,3 +270,30 @@ def test_skipped_counts_workers_without_substitution_too(tmp_path):
     assert len(kept) == 6
     assert ds.skipped == Counter({"image cannot be decoded": 2})
     assert ds.known_bad(2) and ds.known_bad(5) and not ds.known_bad(0)
+
+
+def test_a_changed_or_another_same_named_repository_is_read_afresh(tmp_path):
+    """datasets alone keys a local repository's cache by its folder name and relative paths: it would
+    return the first rows here in all three loads."""
+    import time
+
+    def repo(root: Path, suffixes: list[str]) -> Path:
+        path = root / "plates"
+        (path / "full").mkdir(parents=True, exist_ok=True)
+        image = _png(root / "car.png")
+        _jsonl(path / "full" / "train.jsonl", [{"image": image, "prefix": "ocr", "suffix": s} for s in suffixes])
+        (path / "README.md").write_text("---\nconfigs:\n- config_name: full\n  data_files:\n"
+                                        "  - split: train\n    path: full/train.jsonl\n---\n")  # fmt: skip
+        return path
+
+    def suffixes(path: Path) -> list[str]:
+        ds = load_records(path, "train", config="full")
+        return [ds.rows_meta(i)["suffix"] for i in range(len(ds))]
+
+    first = repo(tmp_path / "a", ["AB 123"])
+    assert suffixes(first) == ["AB 123"]
+    assert suffixes(repo(tmp_path / "b", ["CD 456", "EF 789"])) == ["CD 456", "EF 789"]  # same name, elsewhere
+    time.sleep(0.01)
+    repo(tmp_path / "a", ["GH 000"])  # the same folder, its data file edited
+    assert suffixes(first) == ["GH 000"]
+    assert suffixes(first) == ["GH 000"]  # and read again from its own cache

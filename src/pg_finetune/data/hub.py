@@ -49,11 +49,32 @@ def _open_directory(path: Path, request: Request) -> Source:
     import datasets
 
     try:
-        obj = datasets.load_dataset(str(path), request.config)
+        obj = datasets.load_dataset(str(path), request.config, cache_dir=_local_cache_dir(path))
     except Exception as err:  # datasets raises many types for "no data files here" (and for an unknown config)
         raise ValueError(f"cannot read directory {request.source!r}{_config_words(request)}: {short_error(err)}") from err
     ds = pick_split(obj, request.split, request.source)
     return table_source(ds, _name(request.source, request), request.split, request.columns)
+
+
+def _local_cache_dir(path: Path) -> str:
+    """A datasets cache directory of this folder's own: its absolute path and every file's size and mtime.
+
+    datasets (5.x) keys its cache of a local dataset repository (README `configs:`) by the folder's
+    name and the files' relative paths only: an edited data file, or another folder of the same name
+    and layout, loads the rows cached the first time (tests/test_data_as_is.py shows both). Under a
+    directory named by the files' state, a changed folder gets its own cache and an unchanged one
+    reuses it.
+    """
+    import hashlib
+
+    import datasets
+
+    digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=10)
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            stat = file.stat()
+            digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "pg_finetune_local" / f"{path.name}-{digest.hexdigest()}")
 
 
 def _config_words(request: Request) -> str:
