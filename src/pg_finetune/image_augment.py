@@ -42,6 +42,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from pg_finetune.epoch_seeded import EpochSeededWrapper
 from pg_finetune.loc import decode_value, encode_value
 
 SEPARATOR = "|"
@@ -421,41 +422,24 @@ def augment_record(record: dict, ops: list[Any], rng: random.Random) -> dict:
     return out
 
 
-class ImageAugment:
+class ImageAugment(EpochSeededWrapper):
     """Wraps a training record dataset: each read returns the record with an augmented image.
 
     data = ImageAugment(train_data, parse_augment("zoomout(max_f=1.5)")[0], seed=42)
     trainer = Trainer(..., train_dataset=data, callbacks=[EpochCallback(data)])
     """
 
+    stream = "image-augment"
+
     def __init__(self, dataset: Any, ops: list[Any], *, seed: int):
-        self.dataset = dataset
+        super().__init__(dataset, seed=seed)
         self.ops = list(ops)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """This epoch's draws; passed on to a wrapped per-epoch dataset (DetectionAugment) too."""
-        self.epoch = int(epoch)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def rng(self, index: int) -> random.Random:
-        # A str seed goes through sha512: the same stream in every process (workers, resumed runs).
-        return random.Random(f"image-augment/{self.seed}/{self.epoch}/{index}")
 
     def __getitem__(self, index: int) -> dict | None:
         record = self.dataset[index]
         if record is None:
             return None
         return augment_record(record, self.ops, self.rng(index))
-
-    def rows_meta(self, index: int) -> dict:
-        """The wrapped dataset's record without its image (not augmented)."""
-        return self.dataset.rows_meta(index)
 
     def __repr__(self) -> str:
         return f"ImageAugment({self.dataset!r}, ops={[op.name for op in self.ops]}, epoch={self.epoch})"

@@ -15,13 +15,13 @@ recreated each epoch (the Trainer's default, `dataloader_persistent_workers=Fals
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from typing import Any
 
 from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
+from pg_finetune.epoch_seeded import EpochSeededWrapper
 from pg_finetune.tasks.detect.targets import make_prefix, make_suffix
 
 DETECTION_FIELDS = ("boxes", "labels", "width", "height")
@@ -57,8 +57,10 @@ def collect_classes(dataset: Any) -> list[str]:
     return list(classes)
 
 
-class DetectionAugment(Dataset):
+class DetectionAugment(EpochSeededWrapper, Dataset):
     """Wraps a record dataset; detection records get a reshuffled suffix and/or negative classes per epoch."""
+
+    stream = "detect-augment"
 
     def __init__(
         self,
@@ -71,28 +73,16 @@ class DetectionAugment(Dataset):
     ):
         if negatives < 0:
             raise ValueError(f"negatives must be >= 0, got {negatives}")
-        self.dataset = dataset
-        self.seed = seed
+        super().__init__(dataset, seed=seed)
         self.shuffle_objects = shuffle_objects
         self.negatives = negatives
         self.all_classes = list(all_classes)
-        self.epoch = 0
         if shuffle_objects and (problems := detection_field_problems(dataset)):
             raise ValueError(
                 "task.shuffle_objects rebuilds each detection suffix from the record's boxes, labels, width "
                 "and height, and these records' fields cannot make one (fix them, or set "
                 "task.shuffle_objects: false to train on the suffix as written):\n  " + "\n  ".join(problems)
             )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def rng(self, index: int) -> random.Random:
-        # A str seed goes through sha512: stable across processes, unlike the salted hash().
-        return random.Random(f"detect-augment/{self.seed}/{self.epoch}/{index}")
 
     def __getitem__(self, index: int) -> dict | None:
         record = self.dataset[index]
@@ -105,10 +95,6 @@ class DetectionAugment(Dataset):
         if self.negatives > 0:
             out["prefix"] = make_prefix(record["labels"], self.all_classes, self.negatives, rng)
         return out
-
-    def rows_meta(self, index: int) -> dict:
-        """The wrapped dataset's record without its image (not augmented)."""
-        return self.dataset.rows_meta(index)
 
     def __repr__(self) -> str:
         return (
