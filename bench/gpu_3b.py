@@ -198,6 +198,17 @@ class MemoryEstimate:
                 + self.attention_scores)
 
 
+def adapter_activations(
+    config: PaliGemmaConfig, lora_r: int, *, lora_dropout: float = 0.0, autocast: bool = True, device: str = "cuda"
+) -> int:
+    """Bytes per token per decoder layer that LoRA on every decoder projection saves for backward."""
+    x = _dims(config)
+    inputs = 5 * x["d"] + x["q"] + x["inter"]  # q/k/v/gate/up read d, o_proj reads q, down_proj reads inter
+    copy = 2 if autocast else 4  # lora_A's input: bf16 cast by autocast, else peft's fp32 cast
+    mask = (1 if device == "cuda" else 4) if lora_dropout > 0 else 0
+    return (copy + mask) * inputs + copy * 7 * lora_r  # + lora_A's output, saved by lora_B
+
+
 def estimate_memory(
     config: PaliGemmaConfig,
     method: str,
@@ -207,6 +218,9 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     loss_positions: int | None = None,
     lora_r: int = 8,
+    lora_dropout: float = 0.0,
+    autocast: bool = True,
+    device: str = "cuda",
     attention: str | None = None,
     overhead: float = 1.0 * GiB,
 ) -> MemoryEstimate:
@@ -221,6 +235,13 @@ def estimate_memory(
     "sdpa" and "flex_attention" save O(S). None = what load_model uses: sdpa for PaliGemma, eager
     for PaliGemma 2 (sdpa cannot soft-cap). overhead: CUDA context and allocator slack (GPU), or
     the Python/torch runtime (CPU RSS).
+
+    LoRA/QLoRA adapters keep activations of their own (`adapter_activations`): peft casts each adapted
+    projection's input to the fp32 adapters' dtype, and lora_A saves that input for its weight
+    gradient, as a bf16 copy under bf16 autocast (`training.bf16`, `autocast=True`) or fp32 without;
+    lora_B saves lora_A's r-wide output; `lora_dropout > 0` saves the dropout mask (a bool per element
+    on CUDA's fused dropout, the input's fp32 on CPU). Counted from autograd's saved tensors on the
+    tiny model (tests/test_bench_flops.py).
     """
     p = count_params(config)
     x = _dims(config)
@@ -245,6 +266,8 @@ def estimate_memory(
     # bf16 elements saved per token per decoder layer: norm inputs/outputs (4d), q/k/v before and after
     # rotary (2(q + 2kv)), attention output (q), GeGLU gate, up, gelu(gate), product (4 inter).
     per_layer = 2 * (4 * d + 2 * (x["q"] + 2 * x["kv"]) + x["q"] + 4 * x["inter"])
+    if method in ("lora", "qlora"):
+        per_layer += adapter_activations(config, lora_r, lora_dropout=lora_dropout, autocast=autocast, device=device)
     if gradient_checkpointing:  # layer inputs kept, one layer's activations alive during its recompute
         activations = tokens * (x["layers"] * 2 * d + per_layer)
     else:
@@ -282,8 +305,9 @@ def run_estimate(args) -> dict:
             for batch in args.batch_sizes:
                 for ckpt in (False, True):
                     m = estimate_memory(config, method, batch, args.seq_len, gradient_checkpointing=ckpt,
-                                        loss_positions=args.suffix_tokens)
-                    full = estimate_memory(config, method, batch, args.seq_len, gradient_checkpointing=ckpt)
+                                        loss_positions=args.suffix_tokens, lora_dropout=args.lora_dropout)
+                    full = estimate_memory(config, method, batch, args.seq_len, gradient_checkpointing=ckpt,
+                                           lora_dropout=args.lora_dropout)
                     flops = count_flops(config, args.seq_len, batch, loss_positions=args.suffix_tokens, method=method)
                     rows.append(dict(model=name, method=method, batch=batch, gradient_checkpointing=ckpt,
                                      total_gib=m.total / GiB, total_full_logits_gib=full.total / GiB,
@@ -319,7 +343,8 @@ def plan_table(args) -> list[str]:
                 for attention in (("eager", "flex_attention") if name == "paligemma2" else ("sdpa",)):
                     for batch in args.batch_sizes:
                         cells = [estimate_memory(config, method, batch, seq, gradient_checkpointing=ckpt,
-                                                 loss_positions=args.suffix_tokens, attention=attention).total / GiB
+                                                 loss_positions=args.suffix_tokens, attention=attention,
+                                                 lora_dropout=args.lora_dropout).total / GiB
                                  for ckpt in (False, True)]
                         lines.append(f"| {name} | {method} | {size} | {(size // 14) ** 2} | {attention} | {batch} | "
                                      f"{cells[0]:.1f} | {cells[1]:.1f} |")
@@ -464,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,4,8", type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--text-tokens", type=int, default=24, help="<bos> + prompt + \\n + suffix + <eos>")
     parser.add_argument("--suffix-tokens", type=int, default=10, help="label tokens per example (suffix + <eos>)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05,
+                        help="estimate/plan: LoRA dropout (its mask is saved for backward); 0.05 as the 3B recipes")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by GPU name)")

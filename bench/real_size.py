@@ -199,12 +199,15 @@ def estimate_for(row: dict, config_name: str) -> dict:
     import gpu_3b
 
     from pg_finetune.real_size import CONFIGS
+    from pg_finetune.recipe import load_recipe
 
     family, image_size = CONFIGS[config_name]
     config = gpu_3b.paligemma_config("paligemma" if family == "gemma" else "paligemma2", image_size)
     method = "lora" if row["stage"].startswith("resume") else row["stage"]
+    recipe = load_recipe(ROOT / RECIPES[method])  # what the stage trained with (train_args overrides neither)
     est = gpu_3b.estimate_memory(config, method, 1, row["seq_len"], loss_positions=row["label_tokens"],
-                                 lora_r=row.get("lora_r", 16), overhead=row.get("runtime_gib", 0) * GiB)
+                                 lora_r=recipe.tuning.lora_r, lora_dropout=recipe.tuning.lora_dropout,
+                                 autocast=recipe.training.bf16, device="cpu", overhead=row.get("runtime_gib", 0) * GiB)
     out = {k: round(v / GiB, 2) for k, v in vars(est).items()}
     out["total"] = round(est.total / GiB, 2)
     measured = row.get("steady_step")
