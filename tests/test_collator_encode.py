@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from pg_finetune.collator import PaliGemmaCollator
 from pg_finetune.model import load_processor
 
@@ -49,3 +51,19 @@ def test_a_tokenizer_that_encodes_its_own_way_is_called_as_is():
         assert collator._encode(["red circle"]) == tokenizer(["RED CIRCLE"], add_special_tokens=False)["input_ids"]
     finally:
         tokenizer.__class__ = Shouting.__mro__[1]
+
+
+def test_the_collator_pickles_for_spawned_workers():
+    # DataLoader workers started by spawn or forkserver receive the collate function pickled
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    collator = PaliGemmaCollator(load_processor("tiny"), max_length=64)
+    clone = pickle.loads(pickle.dumps(collator))
+    assert clone._backend_encode is not None
+    records = [{"image": Image.fromarray(np.full((20, 30, 3), 90 * i, dtype=np.uint8)), "prefix": "caption en",
+                "suffix": TEXTS[i]} for i in range(3)]
+    expected, got = collator(records), clone(records)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

@@ -17,7 +17,7 @@ the attention and the loss.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -112,7 +112,7 @@ class PaliGemmaCollator:
         if self.max_length < len(self.newline_ids) + 3:
             raise ValueError(f"max_length={self.max_length} leaves no room for a prompt and a target")
         self._pixel_cache = KeyedTensorCache(self.pixel_cache_mb)
-        self._backend_encode = _plain_backend_encoder(tokenizer)
+        self._backend_encode = _BackendEncoder.of(tokenizer)
         self._process_images = BatchedPilPixels.of(self.processor.image_processor) or self._image_processor
 
     # -- public -----------------------------------------------------------------------------------
@@ -304,37 +304,41 @@ class BatchedPilPixels:
         return np.asarray(image.resize((self.width, self.height), resample=self.resample))
 
 
-def _plain_backend_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]] | None] | None:
+@dataclass(frozen=True)
+class _BackendEncoder:
     """`texts -> ids` straight from a fast tokenizer's Rust backend, when that is what its `__call__` does.
 
     For plain text without special tokens added, no truncation and no padding, transformers' fast
     tokenizer ends in `backend.encode_batch(texts, add_special_tokens=False)` after ~0.3 ms of Python
-    per call (a tiny model's training step calls it twice). None when the tokenizer is not a plain
-    `TokenizersBackend` (a subclass that encodes its own way, a slow tokenizer). The encoder itself
-    returns None while the backend carries truncation or padding (transformers leaves a call's
+    per call (a tiny model's training step calls it twice). `of()` returns None when the tokenizer
+    is not a plain `TokenizersBackend` (a subclass that encodes its own way, a slow tokenizer). A
+    call returns None while the backend carries truncation or padding (transformers leaves a call's
     settings on the backend until the next call) or another special-token split than the
-    tokenizer's: the collator then calls the tokenizer, which resets them.
+    tokenizer's: the collator then calls the tokenizer, which resets them. A plain object, so the
+    collator still pickles for DataLoader workers started by spawn or forkserver.
     """
-    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    backend = getattr(tokenizer, "_tokenizer", None)
-    plain = (
-        isinstance(tokenizer, TokenizersBackend) and backend is not None
-        and type(tokenizer).__call__ is PreTrainedTokenizerBase.__call__
-        and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
-    )  # fmt: skip
-    if not plain:
-        return None
+    tokenizer: Any
 
-    def encode(texts: list[str]) -> list[list[int]] | None:
+    @classmethod
+    def of(cls, tokenizer: Any) -> _BackendEncoder | None:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        plain = (
+            isinstance(tokenizer, TokenizersBackend) and getattr(tokenizer, "_tokenizer", None) is not None
+            and type(tokenizer).__call__ is PreTrainedTokenizerBase.__call__
+            and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+        )  # fmt: skip
+        return cls(tokenizer) if plain else None
+
+    def __call__(self, texts: list[str]) -> list[list[int]] | None:
+        backend = self.tokenizer._tokenizer
         if backend.truncation is not None or backend.padding is not None:
             return None
-        if backend.encode_special_tokens != tokenizer.split_special_tokens:
+        if backend.encode_special_tokens != self.tokenizer.split_special_tokens:
             return None
         return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
-
-    return encode
 
 
 def _is_rgb_image(image: Any) -> bool:
