@@ -241,12 +241,12 @@ class BatchedPilPixels:
 
     transformers' PIL backend (`SiglipImageProcessorPil`, what PaliGemma's processor uses without
     torchvision) resizes, rescales and normalises one image at a time through a chain of numpy
-    helpers: ~6 ms for 16 small images, the largest part of a tiny model's collate. This does the same
-    operations in the same dtypes (PIL `resize` with the processor's filter, `uint8 -> float64 * scale
-    -> float32`, `(x - mean) / std` in float32) on the stacked batch: the same numbers (tested against
-    the processor on images of many sizes), ~15x faster. A channel's uint8 pixel has 256 values, so
-    rescale and normalise are worked once per value and channel into a table (`lut`, by those same
-    operations) and a batch is a lookup. `of()` returns None for any configuration it does not
+    helpers: ~4-6 ms for 16 small images, the largest part of a tiny model's collate. This does the
+    same operations in the same dtypes (PIL `resize` with the processor's filter, `uint8 -> float64 *
+    scale -> float32`, `(x - mean) / std` in float32): the same numbers (tested against the processor
+    on images of many sizes), 5-6x faster (16 tiny images: ~0.6-0.8 ms). A channel's uint8 pixel has
+    256 values, so rescale and normalise are worked once per value and channel into a table (`lut`,
+    by those same operations) and a batch is a lookup. `of()` returns None for any configuration it does not
     transcribe (another backend, center crop, padding, aspect-preserving sizes, rescale or normalise
     off): the collator then calls the processor itself.
     """
