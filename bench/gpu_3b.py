@@ -118,12 +118,17 @@ def count_params(config: PaliGemmaConfig) -> dict[str, int]:
     return parts
 
 
-def lora_params(config: PaliGemmaConfig, r: int = 8) -> int:
-    """LoRA A and B matrices on every decoder projection (the default `lora_target_modules`)."""
+def _lora_shapes(config: PaliGemmaConfig) -> list[tuple[int, int]]:
+    """(in, out) of every decoder projection LoRA adapts (the default `lora_target_modules`), in one layer:
+    q, k, v, o, gate, up, down."""
     x = _dims(config)
     d = x["d"]
-    shapes = [(d, x["q"]), (d, x["kv"]), (d, x["kv"]), (x["q"], d), (d, x["inter"]), (d, x["inter"]), (x["inter"], d)]
-    return x["layers"] * sum(r * (n_in + n_out) for n_in, n_out in shapes)
+    return [(d, x["q"]), (d, x["kv"]), (d, x["kv"]), (x["q"], d), (d, x["inter"]), (d, x["inter"]), (x["inter"], d)]
+
+
+def lora_params(config: PaliGemmaConfig, r: int = 8) -> int:
+    """LoRA A and B matrices on every decoder projection (the default `lora_target_modules`)."""
+    return _dims(config)["layers"] * sum(r * (n_in + n_out) for n_in, n_out in _lora_shapes(config))
 
 
 def count_flops(
@@ -202,11 +207,11 @@ def adapter_activations(
     config: PaliGemmaConfig, lora_r: int, *, lora_dropout: float = 0.0, autocast: bool = True, device: str = "cuda"
 ) -> int:
     """Bytes per token per decoder layer that LoRA on every decoder projection saves for backward."""
-    x = _dims(config)
-    inputs = 5 * x["d"] + x["q"] + x["inter"]  # q/k/v/gate/up read d, o_proj reads q, down_proj reads inter
+    shapes = _lora_shapes(config)
+    inputs = sum(n_in for n_in, _ in shapes)  # each adapter casts and saves its own copy of its input
     copy = 2 if autocast else 4  # lora_A's input: bf16 cast by autocast, else peft's fp32 cast
     mask = (1 if device == "cuda" else 4) if lora_dropout > 0 else 0
-    return (copy + mask) * inputs + copy * 7 * lora_r  # + lora_A's output, saved by lora_B
+    return (copy + mask) * inputs + copy * len(shapes) * lora_r  # + lora_A's output, saved by lora_B
 
 
 def estimate_memory(

@@ -66,3 +66,16 @@ def test_collator_pixels_equal_the_processor_with_and_without_its_cache():
         assert collator._process_images.__class__ is BatchedPilPixels
         assert torch.equal(collator(records)["pixel_values"], expected)
         assert torch.equal(collator(records[::-1])["pixel_values"], expected.flip(0))  # the cache's hit path
+
+
+def test_the_pixel_cache_tells_apart_images_with_the_same_bytes_in_another_shape():
+    processor = build_processor()
+    data = np.random.default_rng(3).integers(0, 256, 2 * 8 * 3, dtype=np.uint8)
+    images = [Image.fromarray(data.reshape(2, 8, 3)), Image.fromarray(data.reshape(8, 2, 3))]
+    assert images[0].tobytes() == images[1].tobytes()
+    records = [{"image": image, "prefix": "caption en", "suffix": "x"} for image in images]
+    expected = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    assert not torch.equal(expected[0], expected[1])
+    collator = PaliGemmaCollator(processor, max_length=32, pixel_cache_mb=64)
+    assert torch.equal(collator(records[:1])["pixel_values"][0], expected[0])  # cached first
+    assert torch.equal(collator(records)["pixel_values"], expected)

@@ -220,18 +220,15 @@ class PaliGemmaCollator:
             return self._process_images(images)
         # One copy of each image's pixels serves the cache key and, on a miss, the batched processing.
         arrays = [np.asarray(image) for image in images]
-        keys = [_image_key(image, array) for image, array in zip(images, arrays, strict=True)]
         # The image processor treats each image on its own (fixed output size, no padding),
         # so processing only the misses gives the same rows as processing the whole batch.
-        def process(rows: list[int]) -> torch.Tensor:
-            picked = [images[i] for i in rows]
-            if isinstance(self._process_images, BatchedPilPixels):
-                return self._process_images(picked, [arrays[i] for i in rows])
-            return self._process_images(picked)
+        return self._pixel_cache(
+            [pixel_key(array) for array in arrays],
+            lambda rows: self._process_images([images[i] for i in rows], [arrays[i] for i in rows]),
+        )
 
-        return self._pixel_cache(keys, process)
-
-    def _image_processor(self, images: list[Image.Image]) -> torch.Tensor:
+    def _image_processor(self, images: list[Image.Image], arrays: object = None) -> torch.Tensor:
+        # `arrays`: BatchedPilPixels' shortcut, not needed here (the processor reads the images)
         return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
 
@@ -246,9 +243,9 @@ class BatchedPilPixels:
     scale -> float32`, `(x - mean) / std` in float32): the same numbers (tested against the processor
     on images of many sizes), 5-6x faster (16 tiny images: ~0.6-0.8 ms). A channel's uint8 pixel has
     256 values, so rescale and normalise are worked once per value and channel into a table (`lut`,
-    by those same operations) and a batch is a lookup. `of()` returns None for any configuration it does not
-    transcribe (another backend, center crop, padding, aspect-preserving sizes, rescale or normalise
-    off): the collator then calls the processor itself.
+    by those same operations) and a batch is a lookup. `of()` returns None for any configuration it
+    does not transcribe (another backend, center crop, padding, aspect-preserving sizes, rescale or
+    normalise off): the collator then calls the processor itself.
     """
 
     height: int
@@ -343,11 +340,6 @@ class _BackendEncoder:
 
 def _is_rgb_image(image: Any) -> bool:
     return isinstance(image, Image.Image) and image.mode == "RGB"
-
-
-def _image_key(image: Image.Image, array: np.ndarray) -> bytes:
-    """A 128-bit key of an RGB image's pixels and size, `array = np.asarray(image)`."""
-    return pixel_key(array, image.size)
 
 
 def _open(record: dict) -> Image.Image:
