@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pg_finetune import images as images_module
 from pg_finetune.data import BadRecordError, RecordDataset, load_records, parse_split, split_indices
@@ -800,3 +800,21 @@ def test_check_target_refuses_a_suffix_by_file_line_and_leaves_rows_without_one(
     ds = load_records(path, "train", require_suffix=False, check_target=check, skip_bad_records=True)
     assert len(ds) == 2 and ds.skipped == {"malformed target": 2}
     assert len(load_records(path, "train", require_suffix=False)) == 4  # no check: any text is a target
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_open_image_turns_exif_orientation_upright_as_pil_does(tmp_path, orientation):
+    # a 6 x 4 image with distinct pixels, stored with an EXIF Orientation tag
+    stored = Image.fromarray(np.arange(6 * 4 * 3, dtype=np.uint8).reshape(4, 6, 3) * 2)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.png"
+    stored.save(path, exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))  # PIL's own rule
+    assert expected.shape[:2] == ((6, 4) if orientation in (6, 8) else (4, 6))
+    for source in (str(path), path.read_bytes(), {"path": str(path)}):
+        assert np.array_equal(np.asarray(open_image(source)), expected)
+    # an image handed in by the caller is turned upright in a copy; the caller's object is left as it was
+    theirs = Image.open(path)
+    assert np.array_equal(np.asarray(open_image(theirs)), expected)
+    assert theirs.size == (6, 4) and theirs.getexif().get(0x0112) == orientation

@@ -151,7 +151,10 @@ def open_image(src: Any, where: str = "") -> Image.Image:
                     reason="image too large",
                 )
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if img is src:  # the caller's image: leave it as it is
+            img = ImageOps.exif_transpose(img)
+        else:  # ours, just decoded: turn it upright without exif_transpose's copy of every image
+            ImageOps.exif_transpose(img, in_place=True)
         return to_rgb(img)
     except BadRecordError:
         raise
