@@ -14,6 +14,7 @@ from pathlib import Path
 BENCHMARKS = {
     "train_throughput.py": [],
     "startup.py": [],
+    "ceiling.py": [],
     "generation_throughput.py": [],
     "data_prep_throughput.py": [],
     "gpu_3b.py": ["--estimate"],
@@ -21,6 +22,7 @@ BENCHMARKS = {
 QUICK = {
     "train_throughput.py": ["--rounds", "1", "--steps", "10", "--methods", "lora", "--data", "distinct"],
     "startup.py": ["--rounds", "1", "--methods", "lora", "--prompts", "16"],
+    "ceiling.py": ["--rounds", "1", "--steps", "10", "--methods", "lora", "--prompts", "16"],
     "generation_throughput.py": ["--num", "32", "--repeats", "1"],
     "data_prep_throughput.py": ["--num", "60", "--repeats", "1"],
     "gpu_3b.py": [],
