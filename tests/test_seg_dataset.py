@@ -218,3 +218,38 @@ def test_the_shim_runs_the_same_program_with_help():
     result = subprocess.run([sys.executable, str(ROOT / "data_prep/create_seg_dataset.py"), "--help"],
                             capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert result.returncode == 0 and "refcoco_mask2str" in result.stdout and "--codec" in result.stdout
+
+
+def test_task_detect_writes_referring_boxes_without_masks_or_codec(tmp_path, capsys):
+    annotations, images = _coco(tmp_path)
+    data = json.loads(annotations.read_text())
+    for ann in data["annotations"]:
+        del ann["segmentation"]  # a boxes-only file is enough for detection
+    annotations.write_text(json.dumps(data))
+    refs = [{"ref_id": 3, "ann_id": 11, "image_id": 1, "split": "val", "sentences": [{"sent": "the pointy hat"}]},
+            {"ref_id": 4, "ann_id": 12, "image_id": 2, "split": "val", "sentences": ["box"]}]  # fmt: skip
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    out = tmp_path / "out"
+    argv = ["--annotations", str(annotations), "--images", str(images), "--out", str(out),
+            "--refs", str(tmp_path / "refs.json"), "--task", "detect", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["validation.jsonl"]  # the refs' "val"
+    hat, box = _read(out / "validation.jsonl")
+    # bins worked by hand, round(v / size * 1023), y first: the hat's bbox (10, 8, 40, 32) on 80 x 60
+    assert hat["prefix"] == "detect the pointy hat"
+    assert hat["suffix"] == "<loc0136><loc0128><loc0682><loc0639> the pointy hat"
+    assert hat["box"] == [10.0, 8.0, 50.0, 40.0] and (hat["width"], hat["height"]) == (W, H)
+    assert box["suffix"] == "<loc0341><loc0575><loc0938><loc0959> box" and box["id"] == "ref4-s0"
+    assert "mask" not in hat and "codec" not in hat
+    assert (out / hat["image"]).resolve() == (images / "a.png").resolve()
+    # the records are what the refexp benchmark scores: the true box's own tokens score IoU ~1
+    from pg_finetune.benchmarks import get_benchmark
+    from pg_finetune.tasks.base import ScoreOptions
+
+    metric = get_benchmark("refexp").get_metric()
+    scored = metric.score([r["suffix"] for r in (hat, box)], [metric.reference(r) for r in (hat, box)], ScoreOptions())
+    assert scored.metrics["acc@0.5"] == 1.0 and scored.metrics["miou"] > 0.97
+    # a codec means masks: refused with detect
+    with pytest.raises(SystemExit):
+        main([*argv, "--codec", str(tmp_path / "refs.json")])
+    assert "--codec is for --task segment" in capsys.readouterr().err

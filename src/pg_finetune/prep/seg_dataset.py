@@ -1,12 +1,15 @@
-"""Convert COCO instance masks, optionally with RefCOCO referring expressions, to PaliGemma segmentation JSONL.
+"""Convert COCO instance masks, optionally with RefCOCO referring expressions, to PaliGemma segmentation JSONL
+(or, with --task detect, to referring-detection JSONL: the same boxes without the masks).
 
     python data_prep/create_seg_dataset.py --annotations instances.json --images DIR --out OUT --codec vae-oid.npz
     python data_prep/create_seg_dataset.py --annotations instances.json --images DIR --out OUT \
         --refs "refs(unc).p" --codec vae-oid.npz          # RefCOCO / RefCOCO+ / RefCOCOg: one file per ref split
+    python data_prep/create_seg_dataset.py --annotations instances.json --images DIR --out OUT \
+        --refs "refs(unc).p" --task detect                 # `detect <expression>` -> 4 <loc> + expression
     pg-make-seg-dataset ...                                # the same program, installed
 
 Writes `OUT/{split}.jsonl` and `OUT/{split}_summary.json`, one record per object (per referring
-sentence with --refs):
+sentence with --refs; the refs' split "val" is written `validation`, the recipes' eval_split):
 
     {"image": "../coco/train2014/COCO_train2014_000000000009.jpg", "prefix": "segment the left bowl",
      "suffix": "<loc0102><loc0205><loc0512><loc1023><seg012>...<seg099>", "expression": "the left bowl",
@@ -19,7 +22,13 @@ extent; its four edges binned `round(v / size * 1023)` clipped to 0..1023, y fir
 to that box (edges rounded to whole pixels), resized to 64x64 bilinear with antialias, and encoded by
 the mask codec into 16 `<segNNN>` tokens. `image` is relative to the JSONL file; `mask` (COCO RLE),
 `box`, `width`, `height` and `codec` make each record a reference the `segment` task scores
-(`eval.run --benchmark refcoco_seg --data OUT/val.jsonl`).
+(`eval.run --benchmark refcoco_seg --data OUT/validation.jsonl`).
+
+With --task detect each record is the box alone, for recipes/big_vision/refcoco_detect_224.yaml and
+`eval.run --benchmark refexp`: the same box and binning as above, no mask decoded and no codec:
+
+    {"image": ..., "prefix": "detect the left bowl", "suffix": "<loc0102><loc0205><loc0512><loc1023> the left bowl",
+     "expression": "the left bowl", "id": "ref5-s0", "box": [x1, y1, x2, y2], "width": W, "height": H}
 
 The codec (--codec) must be big_vision's `vae-oid.npz` (gs://big_vision/paligemma/vae-oid.npz) for
 any real PaliGemma: its seg tokens mean those codes. Without --codec the offline stand-in codec is
@@ -27,7 +36,7 @@ used (`pg_finetune.tasks.segment.train_codec`), with a warning: fine for tests, 
 
 Inputs:
 - --annotations: COCO instances JSON (`images` with id, file_name, width, height; `annotations` with
-  id, image_id, bbox, segmentation as polygons [[x1, y1, x2, y2, ...], ...] or RLE {"size": [H, W],
+  id, image_id, bbox, segmentation (not needed with --task detect) as polygons [[x1, y1, x2, y2, ...], ...] or RLE {"size": [H, W],
   "counts": string (compressed) or list (uncompressed)}; `categories` with id, name). Decoded with
   pycocotools' mask utils.
 - --refs (optional): RefCOCO-style refs, a pickle (`refs(unc).p`, from the refer toolkit; read as
@@ -65,6 +74,7 @@ from tqdm import tqdm
 from pg_finetune.prep.od_dataset import InputError, _load_json
 
 COUNTERS = ("crowd", "too_small", "missing_image", "other_split")
+SPLIT_NAMES = {"val": "validation"}  # the refs' "val" is the recipes' eval_split (as create_vqa_dataset names it)
 BBOX_TOLERANCE = 1.0  # pixels a bbox may reach past the image border (float round-off in exports)
 CHUNK = 256  # masks encoded at a time
 
@@ -143,8 +153,9 @@ def annotation_box(ann: dict, image: dict, where: str) -> tuple[float, float, fl
     return x, y, x + w, y + h
 
 
-def read_coco(path: Path) -> tuple[dict[int, dict], dict[int, dict], dict[int, str]]:
-    """images by id, annotations by id, category names by id; InputError naming the missing field."""
+def read_coco(path: Path, masks: bool = True) -> tuple[dict[int, dict], dict[int, dict], dict[int, str]]:
+    """images by id, annotations by id, category names by id; InputError naming the missing field
+    (`segmentation` only counts as missing with `masks`)."""
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) or not isinstance(
         data.get("images"), list
@@ -158,7 +169,7 @@ def read_coco(path: Path) -> tuple[dict[int, dict], dict[int, dict], dict[int, s
         images[image["id"]] = image
     annotations: dict[int, dict] = {}
     for k, ann in enumerate(data["annotations"]):
-        missing = [key for key in ("id", "image_id", "bbox", "segmentation") if key not in ann]
+        missing = [key for key in ("id", "image_id", "bbox", "segmentation")[: 4 if masks else 3] if key not in ann]
         if missing:
             raise InputError(f"{path}: annotations[{k}] (id {ann.get('id', '?')}) has no {', '.join(missing)}")
         if ann["image_id"] not in images:
@@ -236,7 +247,8 @@ def collect_items(
             text = sentence_text(sentence)
             if not text:
                 raise InputError(f"{where}: sentence {s} has no text ('sent' or 'raw')")
-            items.append(Item(ann, images[ann["image_id"]], text, f"ref{ref.get('ref_id', k)}-s{s}", str(ref["split"])))
+            split_name = SPLIT_NAMES.get(str(ref["split"]), str(ref["split"]))
+            items.append(Item(ann, images[ann["image_id"]], text, f"ref{ref.get('ref_id', k)}-s{s}", split_name))
     return items
 
 
@@ -304,6 +316,38 @@ def convert(
     return by_split
 
 
+def convert_detect(
+    items: list[Item], images_dir: Path, out_dir: Path, counts: Counter, quiet: bool = False
+) -> dict[str, list[dict]]:
+    """Referring-detection records by split: the box of `convert`, binned the same way, without the mask."""
+    from pg_finetune.loc import encode_box
+    from pg_finetune.tasks.segment.masks import crop_edges
+
+    by_split: dict[str, list[dict]] = {}
+    for item in tqdm(items, desc="boxes", unit="obj", disable=quiet):
+        width, height = int(item.image["width"]), int(item.image["height"])
+        box = annotation_box(item.ann, item.image, f"annotation {item.ann['id']}")
+        x1, y1, x2, y2 = crop_edges(box, width, height)
+        if x2 <= x1 or y2 <= y1:  # the same rule as for masks: no whole pixel inside the box
+            counts["too_small"] += 1
+            continue
+        path = images_dir / item.image["file_name"]
+        if not path.is_file():
+            counts["missing_image"] += 1
+            continue
+        by_split.setdefault(item.split, []).append({
+            "image": os.path.relpath(path.resolve(), out_dir.resolve()),
+            "prefix": f"detect {item.expression}".strip(),
+            "suffix": f"{encode_box(box, width, height)} {item.expression}".strip(),
+            "expression": item.expression,
+            "id": item.id,
+            "box": [round(v, 2) for v in box],
+            "width": width,
+            "height": height,
+        })  # fmt: skip
+    return by_split
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pg-make-seg-dataset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -315,8 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="RefCOCO-style refs (refs(unc).p pickle or JSON): one record per sentence, files by ref split")  # fmt: skip
     parser.add_argument("--splits", help="with --refs: comma-separated ref splits to write (default: all)")
     parser.add_argument("--split", default="train", help="without --refs: the output split name (default: train)")
+    parser.add_argument("--task", choices=("segment", "detect"), default="segment",
+                        help="segment: `segment <expression>` -> 4 <loc> + 16 <seg> (default); detect: `detect "
+                             "<expression>` -> 4 <loc> + the expression (refcoco_detect recipe, refexp benchmark)")
     parser.add_argument("--codec", help="mask codec .npz: big_vision's vae-oid.npz for real training "
-                        "(default: the offline stand-in, with a warning)")  # fmt: skip
+                        "(default: the offline stand-in, with a warning); --task segment only")  # fmt: skip
     parser.add_argument("--keep-crowd", action="store_true", help="without --refs: keep iscrowd=1 annotations")
     parser.add_argument("--limit", type=int, help="at most N records (for a quick look)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars and no printed summary")
@@ -332,18 +379,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag} {value} does not exist")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
+    if args.codec and args.task == "detect":
+        parser.error("--codec is for --task segment: detection records carry no mask codes")
     if args.splits and not args.refs:
         parser.error("--splits needs --refs (without refs every record goes to --split)")
     splits = {s.strip() for s in args.splits.split(",") if s.strip()} if args.splits else None
     counts: Counter = Counter({name: 0 for name in COUNTERS})
     try:
-        images, annotations, categories = read_coco(args.annotations)
+        images, annotations, categories = read_coco(args.annotations, masks=args.task == "segment")
         refs = read_refs(args.refs) if args.refs else None
         items = collect_items(images, annotations, categories, refs, args.refs, args.split, splits,
                               args.keep_crowd, counts)  # fmt: skip
         items = items[: args.limit] if args.limit else items
-        codec, codec_file = load_codec_for(args.codec, args.quiet)
-        by_split = convert(items, args.images, args.out, codec, codec_file, counts, quiet=args.quiet)
+        if args.task == "detect":
+            by_split = convert_detect(items, args.images, args.out, counts, quiet=args.quiet)
+        else:
+            codec, codec_file = load_codec_for(args.codec, args.quiet)
+            by_split = convert(items, args.images, args.out, codec, codec_file, counts, quiet=args.quiet)
     except InputError as err:
         where = args.refs if args.refs and str(args.refs) in str(err) else args.annotations
         message = str(err) if str(where) in str(err) else f"{where}: {err}"
@@ -358,7 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for split, records in by_split.items():
         (args.out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        summary = {"split": split, "records_written": len(records), **dict(counts), "codec": records[0]["codec"]}
+        summary = {"split": split, "task": args.task, "records_written": len(records), **dict(counts)}
+        if "codec" in records[0]:
+            summary["codec"] = records[0]["codec"]
         (args.out / f"{split}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         if not args.quiet:
             print(f"{split}: {len(records)} records -> {args.out / f'{split}.jsonl'}")
