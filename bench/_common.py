@@ -4,6 +4,8 @@ clock that needs no transformers import, and the `BENCH {json}` line a child pro
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -78,4 +80,15 @@ def write_easyvqa_jsonl(path: Path, kind: str, limit: int = 4000) -> Path:
             break
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_results(out: str | Path, name: str, meta: dict, **payload) -> Path:
+    """`{"meta": {date, machine, cpu_count, **meta}, **payload}` as `out/name.json`; prints where."""
+    machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "cpu_count": os.cpu_count(), **meta}
+    path = Path(out) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, **payload}, indent=2) + "\n")
+    print(f"wrote {path}")
     return path

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_easyvqa_jsonl  # noqa: E402
+from _common import write_easyvqa_jsonl, write_results  # noqa: E402
 from startup import timed  # noqa: E402
 from train_throughput import RECIPES, process_commands, run_child  # noqa: E402
 
@@ -129,15 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         med = {k: statistics.median(v) for k, v in row["samples_per_s"].items()}
         print(f"{f'train {method} (samples/s)':<28}{med['notebook']:>10.1f}{med['ours']:>10.1f}{med['model only']:>10.1f}"
               f"{row['ours_vs_notebook']['median']:>8.2f}x{row['ceiling']['median']:>8.2f}x")
-    meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
-                cpu_count=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(), rounds=args.rounds,
-                steps=args.steps, prompts=args.prompts, floor=FLOOR,
-                statistic="median over rounds of the ratio within a round")  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "ceiling.json"
-    path.write_text(json.dumps({"meta": meta, "eval": eval_row, "train": train_rows}, indent=2) + "\n")
-    print(f"wrote {path}")
+    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), rounds=args.rounds, steps=args.steps,
+                prompts=args.prompts, floor=FLOOR, statistic="median over rounds of the ratio within a round")
+    write_results(args.out, "ceiling", meta, eval=eval_row, train=train_rows)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,6 @@ Writes bench/results/startup.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fresh_dirs, parse_report, write_easyvqa_jsonl  # noqa: E402
+from _common import fresh_dirs, parse_report, write_easyvqa_jsonl, write_results  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RECIPES = {"lora": "recipes/tiny/easyvqa_lora.yaml", "full": "recipes/tiny/easyvqa_full.yaml"}
@@ -100,14 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:<24}{statistics.median(t['ours']):>8.2f}{statistics.median(t['notebook']):>12.2f}"
               f"{row['median_ratio']:>14.2f}x  " + ", ".join(f"{r:.2f}" for r in ratios))
     print("bitsandbytes imported: " + ", ".join(f"{k}: {v}" for k, v in bnb.items()))
-    meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
-                cpu_count=os.cpu_count(), rounds=args.rounds, prompts=args.prompts,
-                statistic="median over rounds of notebook/ours seconds within a round")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "startup.json"
-    path.write_text(json.dumps({"meta": meta, "rows": rows, "bitsandbytes_imported": bnb}, indent=2) + "\n")
-    print(f"wrote {path}")
+    meta = dict(rounds=args.rounds, prompts=args.prompts, statistic="median over rounds of notebook/ours seconds within a round")
+    write_results(args.out, "startup", meta, rows=rows, bitsandbytes_imported=bnb)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,6 @@ bench/results/train_steps.json. Numbers, not pass/fail.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -62,7 +59,7 @@ from pg_finetune.speed import ImageFeatureCache, suffix_loss
 from pg_finetune.tuning import apply_tuning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fresh_dirs, parse_report, write_easyvqa_jsonl  # noqa: E402
+from _common import fresh_dirs, parse_report, write_easyvqa_jsonl, write_results  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RECIPES = {"lora": "recipes/tiny/easyvqa_lora.yaml", "full": "recipes/tiny/easyvqa_full.yaml"}
@@ -235,16 +232,9 @@ def process_main(args: argparse.Namespace) -> None:
         print(f"{r['data']:<10}{r['method']:<7}{r['ours']:<24}{r['baseline']:<18}{statistics.median(r['ours_samples_per_s']):>9.1f}"
               f"{statistics.median(r['baseline_samples_per_s']):>9.1f}{r['median_ratio']:>13.2f}x  "
               + ", ".join(f"{x:.2f}" for x in r["ratios"]))
-    meta = dict(
-        date=time.strftime("%Y-%m-%d %H:%M"), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
-        cpu_count=os.cpu_count(), torch=torch.__version__, steps=args.steps, rounds=args.rounds, batch_size=16,
-        threads="torch default", statistic="median over rounds of ours/baseline Trainer samples/s within a round",
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "train_throughput.json"
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {path}")
+    meta = dict(torch=torch.__version__, steps=args.steps, rounds=args.rounds, batch_size=16, threads="torch default",
+                statistic="median over rounds of ours/baseline Trainer samples/s within a round")
+    write_results(args.out, "train_throughput", meta, rows=rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -296,17 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     pad = statistics.mean(r["padding_fraction"] for r in rows if r["variant"] == "ours")
     print(f"\npadding: {100 * pad:.1f}% of the token slots of our batches are padding")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(
-        date=time.strftime("%Y-%m-%d %H:%M"), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
-        threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__, steps=args.steps,
-        batch_size=args.batch_size, optim=args.optim,
-        statistic="median step time over interleaved steps",
-    )
-    path = out / "train_steps.json"
-    path.write_text(json.dumps({"meta": meta, "rows": rows, "optimizer_step_ms": optim}, indent=2) + "\n")
-    print(f"wrote {path}")
+    meta = dict(threads=torch.get_num_threads(), torch=torch.__version__, steps=args.steps, batch_size=args.batch_size,
+                optim=args.optim, statistic="median step time over interleaved steps")
+    write_results(args.out, "train_steps", meta, rows=rows, optimizer_step_ms=optim)
 
 
 if __name__ == "__main__":

@@ -673,13 +673,19 @@ def format_summary(summary: dict) -> str:
         f"{summary['objects_written']} objects"
     ]
     lines += [f"  {name}: {summary[name]}" for name in COUNTERS if summary[name]]
+    return "\n".join(lines + skipped_image_lines(summary))
+
+
+def skipped_image_lines(summary: dict) -> list[str]:
+    """The summary's missing and unreadable image files, the first MAX_PRINTED_MISSING of each."""
+    lines = []
     for key in ("missing_images", "unreadable_images"):
         paths = summary[key]
         if paths:
             more = f" (+{len(paths) - MAX_PRINTED_MISSING} more)" if len(paths) > MAX_PRINTED_MISSING else ""
             lines.append(f"  {key}{more}:")
             lines += [f"    {p}" for p in paths[:MAX_PRINTED_MISSING]]
-    return "\n".join(lines)
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ CLI

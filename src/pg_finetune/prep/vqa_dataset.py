@@ -100,7 +100,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 # One error type, JSON reader and image check for every converter: the detection one's.
-from pg_finetune.prep.od_dataset import MAX_PRINTED_MISSING, FileHeader, InputError, _load_json, read_header
+from pg_finetune.prep.od_dataset import FileHeader, InputError, _load_json, read_header, skipped_image_lines
 
 FORMATS = ("textvqa", "docvqa", "chartqa", "ai2d", "scienceqa")
 SPLIT_NAMES = {"val": "validation"}  # the release's "val" is the recipes' eval_split
@@ -535,13 +535,7 @@ def format_summary(summary: dict, out: Path) -> str:
     ]
     lines += [f"  {name}: {n} questions" for name, n in summary["subset_files"].items()]
     lines += [f"  {name}: {summary[name]}" for name in COUNTERS if summary[name]]
-    for key in ("missing_images", "unreadable_images"):
-        paths = summary[key]
-        if paths:
-            more = f" (+{len(paths) - MAX_PRINTED_MISSING} more)" if len(paths) > MAX_PRINTED_MISSING else ""
-            lines.append(f"  {key}{more}:")
-            lines += [f"    {p}" for p in paths[:MAX_PRINTED_MISSING]]
-    return "\n".join(lines)
+    return "\n".join(lines + skipped_image_lines(summary))
 
 
 # ------------------------------------------------------------------------------------------ CLI
