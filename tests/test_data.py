@@ -818,3 +818,21 @@ def test_open_image_turns_exif_orientation_upright_as_pil_does(tmp_path, orienta
     theirs = Image.open(path)
     assert np.array_equal(np.asarray(open_image(theirs)), expected)
     assert theirs.size == (6, 4) and theirs.getexif().get(0x0112) == orientation
+
+
+def test_a_missing_split_names_the_splits_the_directory_holds(tmp_path):
+    record = {"image": "a.png", "prefix": "p", "suffix": "s"}
+    _png(tmp_path / "a.png")
+    for path in ("val.jsonl", "testA/annotations.jsonl", "_annotations.train.jsonl"):
+        _write_jsonl(tmp_path / path, [record])
+    with pytest.raises(ValueError) as info:
+        load_records(str(tmp_path), "validation")
+    assert str(info.value).endswith(
+        "splits found here: testA, train, val (name one in data.train_split / data.eval_split, or --split)"
+    )
+    assert len(load_records(str(tmp_path), "val")) == 1  # the name it lists is one that loads
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError) as info:
+        load_records(str(empty), "validation")
+    assert "splits found here" not in str(info.value)

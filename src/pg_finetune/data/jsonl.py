@@ -80,6 +80,14 @@ def _find_in_directory(request: Request) -> Path | None:
     return first_existing(d / f"{s}.jsonl", d / s / "annotations.jsonl", d / f"_annotations.{s}.jsonl")
 
 
+def splits_in(directory: Path) -> list[str]:
+    """The splits a directory holds in the JSONL layouts above or the image-folder one (`{split}/metadata.jsonl`)."""
+    names = {p.stem for p in directory.glob("*.jsonl") if not p.name.startswith("_annotations.")}
+    names |= {p.name[len("_annotations.") : -len(".jsonl")] for p in directory.glob("_annotations.*.jsonl")}
+    names |= {p.parent.name for pattern in ("*/annotations.jsonl", "*/metadata.jsonl") for p in directory.glob(pattern)}
+    return sorted(names - {"metadata"})  # a top-level metadata.jsonl is the image folder's "train"
+
+
 def _open_in_directory(path: Path, request: Request) -> Source:
     return _jsonl_file(path, str(path), request.columns)
 

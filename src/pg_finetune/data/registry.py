@@ -40,9 +40,14 @@ def open_source(request: Request) -> Source:
             return kind.open(found, request)
     if request.path.is_dir():
         expected = "\n".join(f"  - {kind.description}" for kind in SOURCES if kind.form == "directory")
+        found = jsonl.splits_in(request.path)
+        found_here = (
+            f"\nsplits found here: {', '.join(found)} (name one in data.train_split / data.eval_split, or --split)"
+            if found else ""
+        )  # fmt: skip
         raise ValueError(
             f"cannot read directory {request.source!r} for split {request.split!r}; "
-            f"expected one of:\n{expected}"
+            f"expected one of:\n{expected}{found_here}"
         )
     expected = " or ".join(kind.description for kind in SOURCES if kind.form == "file")
     raise ValueError(f"cannot read {request.source!r}: a file source must be {expected}")
