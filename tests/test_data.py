@@ -825,12 +825,18 @@ def test_a_missing_split_names_the_splits_the_directory_holds(tmp_path):
     _png(tmp_path / "a.png")
     for path in ("val.jsonl", "testA/annotations.jsonl", "_annotations.train.jsonl"):
         _write_jsonl(tmp_path / path, [record])
+    _write_jsonl(tmp_path / "dev" / "metadata.jsonl", [{"file_name": "../a.png", "caption": "c"}])  # image folder
     with pytest.raises(ValueError) as info:
         load_records(str(tmp_path), "validation")
     assert str(info.value).endswith(
-        "splits found here: testA, train, val (name one in data.train_split / data.eval_split, or --split)"
+        "splits found here: dev, testA, train, val (name one in data.train_split / data.eval_split, or --split)"
     )
     assert len(load_records(str(tmp_path), "val")) == 1  # the name it lists is one that loads
+    # an image folder's top-level metadata.jsonl is its split "train", not one named "metadata"
+    folder = tmp_path / "folder"
+    _write_jsonl(folder / "metadata.jsonl", [{"file_name": "../a.png", "caption": "c"}])
+    with pytest.raises(ValueError, match=r"splits found here: train \(name one"):
+        load_records(str(folder), "validation")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError) as info:

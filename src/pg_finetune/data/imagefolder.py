@@ -22,6 +22,12 @@ def _find(request: Request) -> Path | None:
     return first_existing(d / s / "metadata.jsonl", *([d / "metadata.jsonl"] if s == "train" else []))
 
 
+def _splits(directory: Path) -> set[str]:
+    """The splits `_find` would find: `{split}/metadata.jsonl`, and "train" for a top-level metadata.jsonl."""
+    names = {p.parent.name for p in directory.glob("*/metadata.jsonl")}
+    return names | ({"train"} if (directory / "metadata.jsonl").is_file() else set())
+
+
 def _open(metadata: Path, request: Request) -> Source:
     columns = request.columns
     image_column = "file_name" if columns.image == "image" else columns.image
@@ -39,4 +45,5 @@ IMAGEFOLDER = SourceKind(
     description="an image folder with {split}/metadata.jsonl (or metadata.jsonl, for split 'train')",
     find=_find,
     open=_open,
+    splits=_splits,
 )

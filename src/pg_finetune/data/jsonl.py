@@ -80,12 +80,12 @@ def _find_in_directory(request: Request) -> Path | None:
     return first_existing(d / f"{s}.jsonl", d / s / "annotations.jsonl", d / f"_annotations.{s}.jsonl")
 
 
-def splits_in(directory: Path) -> list[str]:
-    """The splits a directory holds in the JSONL layouts above or the image-folder one (`{split}/metadata.jsonl`)."""
-    names = {p.stem for p in directory.glob("*.jsonl") if not p.name.startswith("_annotations.")}
+def _splits_in_directory(directory: Path) -> set[str]:
+    """The splits `_find_in_directory` would find, in any of its three layouts (an image folder's
+    top-level metadata.jsonl is that layout's "train", not a split named "metadata")."""
+    names = {p.stem for p in directory.glob("*.jsonl") if not p.name.startswith("_annotations.")} - {"metadata"}
     names |= {p.name[len("_annotations.") : -len(".jsonl")] for p in directory.glob("_annotations.*.jsonl")}
-    names |= {p.parent.name for pattern in ("*/annotations.jsonl", "*/metadata.jsonl") for p in directory.glob(pattern)}
-    return sorted(names - {"metadata"})  # a top-level metadata.jsonl is the image folder's "train"
+    return names | {p.parent.name for p in directory.glob("*/annotations.jsonl")}
 
 
 def _open_in_directory(path: Path, request: Request) -> Source:
@@ -106,4 +106,5 @@ DIRECTORY = SourceKind(
     description="{split}.jsonl, {split}/annotations.jsonl or _annotations.{split}.jsonl",
     find=_find_in_directory,
     open=_open_in_directory,
+    splits=_splits_in_directory,
 )

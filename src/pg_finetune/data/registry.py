@@ -40,7 +40,7 @@ def open_source(request: Request) -> Source:
             return kind.open(found, request)
     if request.path.is_dir():
         expected = "\n".join(f"  - {kind.description}" for kind in SOURCES if kind.form == "directory")
-        found = jsonl.splits_in(request.path)
+        found = sorted(set().union(*(kind.splits(request.path) for kind in SOURCES if kind.splits)))
         found_here = (
             f"\nsplits found here: {', '.join(found)} (name one in data.train_split / data.eval_split, or --split)"
             if found else ""

@@ -71,7 +71,8 @@ class SourceKind:
     ValueError / FileNotFoundError naming the source. `form` groups kinds for the error an unclaimed
     string gets: a file or directory that no kind finds is told the `description` of every kind of
     that form. `takes_config`: the kind passes `request.config` to `datasets.load_dataset`; the
-    registry refuses a configuration name for every other kind.
+    registry refuses a configuration name for every other kind. `splits(directory)`, for a directory
+    kind that can tell: the split names the directory holds in its layout (for that same error).
     """
 
     name: str
@@ -80,6 +81,7 @@ class SourceKind:
     find: Callable[[Request], Any]
     open: Callable[[Any, Request], Source]
     takes_config: bool = False
+    splits: Callable[[Path], set[str]] | None = None
 
 
 def canonical(obj: dict, columns: Columns) -> dict:

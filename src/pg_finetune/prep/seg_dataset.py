@@ -169,7 +169,8 @@ def read_coco(path: Path, masks: bool = True) -> tuple[dict[int, dict], dict[int
         images[image["id"]] = image
     annotations: dict[int, dict] = {}
     for k, ann in enumerate(data["annotations"]):
-        missing = [key for key in ("id", "image_id", "bbox", "segmentation")[: 4 if masks else 3] if key not in ann]
+        required = ("id", "image_id", "bbox", *(("segmentation",) if masks else ()))
+        missing = [key for key in required if key not in ann]
         if missing:
             raise InputError(f"{path}: annotations[{k}] (id {ann.get('id', '?')}) has no {', '.join(missing)}")
         if ann["image_id"] not in images:
@@ -272,27 +273,36 @@ def load_codec_for(path: str | None, quiet: bool) -> tuple[Any, Path]:
     return load_codec(codec_file), codec_file.resolve()
 
 
+def _image_to_use(item: Item, box: tuple[float, float, float, float], images_dir: Path, counts: Counter) -> Path | None:
+    """The item's image file, or None (counted) when its box holds no whole pixel or the file is missing."""
+    from pg_finetune.tasks.segment.masks import crop_edges
+
+    x1, y1, x2, y2 = crop_edges(box, int(item.image["width"]), int(item.image["height"]))
+    if x2 <= x1 or y2 <= y1:
+        counts["too_small"] += 1
+        return None
+    path = images_dir / item.image["file_name"]
+    if not path.is_file():
+        counts["missing_image"] += 1
+        return None
+    return path
+
+
 def convert(
     items: list[Item], images_dir: Path, out_dir: Path, codec: Any, codec_file: Path, counts: Counter,
     quiet: bool = False,
 ) -> dict[str, list[dict]]:  # fmt: skip
     """Records by split. Every mask is decoded and checked before any is encoded (bad input: nothing written)."""
-    from pg_finetune.tasks.segment.masks import crop_edges, mask_rle, masks_to_suffixes
+    from pg_finetune.tasks.segment.masks import mask_rle, masks_to_suffixes
 
     prepared = []  # (item, mask, box, image path)
     for item in tqdm(items, desc="masks", unit="obj", disable=quiet):
         where = f"annotation {item.ann['id']}"
-        path = images_dir / item.image["file_name"]
         box = annotation_box(item.ann, item.image, where)
-        mask = annotation_mask(item.ann, item.image, where)
-        x1, y1, x2, y2 = crop_edges(box, mask.shape[1], mask.shape[0])
-        if x2 <= x1 or y2 <= y1:
-            counts["too_small"] += 1
-            continue
-        if not path.is_file():
-            counts["missing_image"] += 1
-            continue
-        prepared.append((item, mask, box, path))
+        mask = annotation_mask(item.ann, item.image, where)  # checked (bad input stops) even if skipped below
+        path = _image_to_use(item, box, images_dir, counts)
+        if path is not None:
+            prepared.append((item, mask, box, path))
     by_split: dict[str, list[dict]] = {}
     bar = tqdm(total=len(prepared), desc="encoding", unit="obj", disable=quiet)
     for start in range(0, len(prepared), CHUNK):
@@ -321,19 +331,13 @@ def convert_detect(
 ) -> dict[str, list[dict]]:
     """Referring-detection records by split: the box of `convert`, binned the same way, without the mask."""
     from pg_finetune.loc import encode_box
-    from pg_finetune.tasks.segment.masks import crop_edges
 
     by_split: dict[str, list[dict]] = {}
     for item in tqdm(items, desc="boxes", unit="obj", disable=quiet):
         width, height = int(item.image["width"]), int(item.image["height"])
         box = annotation_box(item.ann, item.image, f"annotation {item.ann['id']}")
-        x1, y1, x2, y2 = crop_edges(box, width, height)
-        if x2 <= x1 or y2 <= y1:  # the same rule as for masks: no whole pixel inside the box
-            counts["too_small"] += 1
-            continue
-        path = images_dir / item.image["file_name"]
-        if not path.is_file():
-            counts["missing_image"] += 1
+        path = _image_to_use(item, box, images_dir, counts)
+        if path is None:
             continue
         by_split.setdefault(item.split, []).append({
             "image": os.path.relpath(path.resolve(), out_dir.resolve()),
